@@ -1,0 +1,66 @@
+"""Running a model over encoded data: raw outputs, predictions and metrics."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import EncodedSplit, iterate_batches
+from .metrics import METRICS
+from .runtime import autocast
+
+
+@torch.inference_mode()
+def raw_outputs(model, split: EncodedSplit, batch_size: int = 128, precision: str = "fp32",
+                progress: bool = True, pad_id: int = 0, head: str | None = None) -> np.ndarray:
+    """Outputs of ``head`` (default: the task's name) for every example, in the split's order:
+    logits (N, C) or scores (N,)."""
+    was_training = model.training
+    model.eval()
+    task = head or split.task.name
+    model.use_task(task, trainable=False)
+    chunks, order = [], []
+    bar = tqdm(total=len(split), desc=f"eval {task}", unit="ex", disable=not progress, file=sys.stderr,
+               leave=False, mininterval=1.0)
+    try:
+        with autocast(precision):
+            for batch in iterate_batches(split, batch_size, None, pad_id):
+                chunks.append(model(task, batch.inputs).float().numpy())
+                order.append(batch.indices)
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    out = np.concatenate(chunks)
+    result = np.empty_like(out)
+    result[np.concatenate(order)] = out
+    return result
+
+
+def predictions_from_outputs(kind: str, outputs: np.ndarray) -> np.ndarray:
+    if kind == "classification":
+        return outputs.argmax(-1)
+    return np.clip(outputs, 0.0, 5.0)  # STS scores live in 0..5; clipping only helps at evaluation
+
+
+def probabilities(outputs: np.ndarray) -> np.ndarray:
+    shifted = outputs - outputs.max(-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(-1, keepdims=True)
+
+
+def score(split: EncodedSplit, predictions: np.ndarray) -> dict[str, float]:
+    metric = split.task.metric
+    return {metric: METRICS[metric](predictions, split.labels.astype(predictions.dtype) if split.task.kind == "classification" else split.labels)}
+
+
+def evaluate(model, splits: dict[str, EncodedSplit], batch_size: int = 128, precision: str = "fp32",
+             progress: bool = True, pad_id: int = 0, prefix: str = "") -> dict[str, dict[str, float]]:
+    results = {}
+    for task, split in splits.items():
+        outputs = raw_outputs(model, split, batch_size, precision, progress, pad_id, head=prefix + task)
+        results[task] = score(split, predictions_from_outputs(split.task.kind, outputs))
+    return results

@@ -1,0 +1,56 @@
+"""Pooling and the small task heads that sit on the encoder.
+
+Cross-encoded and single-sentence inputs give one pooled vector; bi-encoded pairs give two
+(u, v), compared as in Sentence-BERT (Reimers & Gurevych 2019): cosine similarity scaled
+to 0..5 for regression, a classifier on ``[u, v, |u - v|]`` for classification.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tasks import TaskSpec
+
+POOLINGS = ("mean", "cls")
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``[CLS]`` vector, or the mean of the non-padding token vectors."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
+
+
+class TaskHead(nn.Module):
+    """Dropout + linear layer on one pooled vector (or on ``[u, v, |u-v|]`` for bi-encoded pairs)."""
+
+    def __init__(self, hidden_size: int, outputs: int, pair_encoding: str = "cross", dropout: float = 0.1,
+                 cosine: bool = False):
+        super().__init__()
+        self.pair_encoding = pair_encoding
+        self.cosine = cosine
+        self.dropout = nn.Dropout(dropout)
+        in_features = hidden_size * 3 if pair_encoding == "bi" and not cosine else hidden_size
+        # A cosine head has no weights of its own: the encoder learns the geometry.
+        self.linear = None if cosine else nn.Linear(in_features, outputs)
+
+    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        if self.pair_encoding == "bi":
+            u, v = pooled
+            if self.cosine:
+                return 5.0 * F.cosine_similarity(u.float(), v.float(), dim=-1).unsqueeze(-1)
+            features = torch.cat([u, v, (u - v).abs()], dim=-1)
+        else:
+            (features,) = pooled
+        return self.linear(self.dropout(features))
+
+
+def make_head(task: TaskSpec, hidden_size: int, pair_encoding: str = "cross", dropout: float = 0.1) -> TaskHead:
+    bi = task.is_pair and pair_encoding == "bi"
+    return TaskHead(hidden_size, task.head_outputs, pair_encoding="bi" if bi else "cross", dropout=dropout,
+                    cosine=bi and task.kind == "regression")

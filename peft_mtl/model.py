@@ -1,0 +1,115 @@
+"""The multi-task model: one encoder (plain, or wrapped by peft with adapters) plus task heads.
+
+For a batch of task t the model activates t's adapters (the shared one and t's own), encodes
+each input segment, pools, and applies t's head. An optional additive perturbation of the
+embedding-layer output is how SMART probes smoothness without running the embeddings twice.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .adapters import SHARED_ADAPTER, activate
+from .heads import pool
+from .tasks import get_task
+
+
+class MultiTaskModel(nn.Module):
+    """Encoder + heads + adapter routing.
+
+    Args:
+        encoder: a ``BertModel``-like module, or a ``PeftModel`` wrapping one.
+        heads: head key -> head. In training the key is the task name; an inference
+            model holding several adapter sets uses ``"{set}__{task}"``.
+        pooling: ``mean`` or ``cls``.
+        routing: head key -> adapter names active for it (empty when the encoder carries
+            no adapters, as in full fine-tuning or heads-only mode).
+        head_tasks: head key -> task name (default: the key itself).
+        head_pooling: head key -> pooling, where it differs from ``pooling``.
+    """
+
+    def __init__(self, encoder: nn.Module, heads: dict[str, nn.Module], pooling: str = "mean",
+                 routing: dict[str, list[str]] | None = None, head_tasks: dict[str, str] | None = None,
+                 head_pooling: dict[str, str] | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(heads)
+        self.pooling = pooling
+        self.routing = dict(routing or {})
+        self.head_tasks = {k: (head_tasks or {}).get(k, k) for k in heads}
+        self.head_pooling = dict(head_pooling or {})
+        self._noise: list[torch.Tensor] | None = None
+        self._captured: list[torch.Tensor] | None = None
+        self._active: tuple[str, ...] | None = None
+        self._active_trainable: bool | None = None
+        self.embeddings.register_forward_hook(self._embedding_hook)
+
+    @property
+    def embeddings(self) -> nn.Module:
+        base = self.encoder.get_base_model() if hasattr(self.encoder, "get_base_model") else self.encoder
+        return base.embeddings
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(set(self.head_tasks.values()))
+
+    @property
+    def has_adapters(self) -> bool:
+        return bool(self.routing)
+
+    def _embedding_hook(self, module, args, output):
+        if self._captured is not None:
+            self._captured.append(output)
+        if self._noise:
+            return output + self._noise.pop(0).to(output.dtype)
+        return output
+
+    @contextmanager
+    def perturbed_embeddings(self, noise: list[torch.Tensor]) -> Iterator[None]:
+        """Add ``noise[i]`` to the embedding-layer output of the i-th encoded segment."""
+        self._noise = list(noise)
+        try:
+            yield
+        finally:
+            self._noise = None
+
+    @contextmanager
+    def capture_embeddings(self) -> Iterator[list[torch.Tensor]]:
+        """Record the embedding-layer output of each encoded segment (SMART needs its shape)."""
+        self._captured = []
+        try:
+            yield self._captured
+        finally:
+            self._captured = None
+
+    def use_task(self, key: str, trainable: bool | None = None) -> None:
+        """Route to the adapters of head ``key``; a no-op when they are already active."""
+        if not self.routing:
+            return
+        names = tuple(self.routing[key])
+        trainable = self.training if trainable is None else trainable
+        if names != self._active or trainable != self._active_trainable:
+            activate(self.encoder, list(names), trainable=trainable)
+            self._active, self._active_trainable = names, trainable
+
+    def encode(self, inputs: dict[str, torch.Tensor], pooling: str | None = None) -> torch.Tensor:
+        out = self.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                           token_type_ids=inputs["token_type_ids"])
+        return pool(out.last_hidden_state, inputs["attention_mask"], pooling or self.pooling)
+
+    def forward(self, key: str, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Outputs of head ``key``: logits ``(B, C)``, or scores ``(B,)`` for regression."""
+        self.use_task(key)
+        pooling = self.head_pooling.get(key, self.pooling)
+        pooled = [self.encode(segment, pooling) for segment in inputs]
+        out = self.heads[key](pooled)
+        if get_task(self.head_tasks[key]).kind == "regression":
+            out = out.squeeze(-1)
+        return out.float()
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if f".{SHARED_ADAPTER}." in n]

@@ -1,0 +1,151 @@
+"""SMART regularisation and momentum Bregman proximal point (Jiang et al., ACL 2020).
+
+Smoothness-inducing adversarial regulariser::
+
+    R_s(θ) = 1/n Σ_i max_{‖x̃_i − x_i‖_p ≤ ε} ℓ_s(f(x̃_i; θ), f(x_i; θ))
+
+with x_i the *embedding-layer output* (token + position + segment embeddings after
+LayerNorm), ℓ_s the symmetric KL divergence for classification and the squared error
+for regression. The inner max is approximated by T steps of normalised gradient ascent
+from x_i + N(0, σ²), each step projected back into the ε-ball (ℓ∞ or ℓ2).
+
+Two details public implementations get wrong are handled here: the perturbation is added
+to the embedding-layer output by a forward hook, so embeddings and LayerNorm run once (not
+twice, as when the perturbed output is fed back as ``inputs_embeds``); and the step is a
+projection onto the ball, not a renormalisation onto its surface. Every forward pass of one
+step replays the clean pass's dropout masks, so R_s measures the effect of the
+perturbation alone and is exactly 0 when ε = 0.
+
+Bregman proximal point with momentum adds μ·ℓ_s(f(x; θ), f(x; θ̃_t)) to the loss, where
+θ̃_t = (1 − β) θ_t + β θ̃_{t−1} is an exponential average of past parameters; it keeps each
+update close, in output space, to where the model has recently been.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SmartSettings
+
+
+def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(P‖Q) + KL(Q‖P), averaged over the batch."""
+    log_p = F.log_softmax(logits_p.float(), dim=-1)
+    log_q = F.log_softmax(logits_q.float(), dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    return ((p * (log_p - log_q)).sum(-1) + (q * (log_q - log_p)).sum(-1)).mean()
+
+
+def output_divergence(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if kind == "classification":
+        return symmetric_kl(a, b)
+    return F.mse_loss(a.float(), b.float())
+
+
+@contextmanager
+def replay_rng(state: torch.Tensor):
+    """Run a block with the global RNG set to ``state`` (same dropout masks), then restore it."""
+    saved = torch.get_rng_state()
+    torch.set_rng_state(state)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved)
+
+
+def _per_example_max(t: torch.Tensor) -> torch.Tensor:
+    return t.abs().flatten(1).amax(1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _per_example_l2(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
+    """Euclidean projection onto the ε-ball: clamp for ℓ∞, shrink only if outside for ℓ2."""
+    if norm == "inf":
+        return delta.clamp(-epsilon, epsilon)
+    scale = (epsilon / _per_example_l2(delta)).clamp(max=1.0)
+    return delta * scale
+
+
+def smart_regularizer(forward: Callable[[list[torch.Tensor]], torch.Tensor], clean_output: torch.Tensor,
+                      embeddings: list[torch.Tensor], masks: list[torch.Tensor], kind: str,
+                      settings: SmartSettings, rng_state: torch.Tensor) -> torch.Tensor:
+    """R_s for one batch.
+
+    Args:
+        forward: runs the model with the given embedding perturbations added; returns outputs.
+        clean_output: the unperturbed outputs (gradients flow through them too).
+        embeddings: the clean embedding-layer outputs, one per encoded segment (for shapes).
+        masks: attention masks per segment; padding positions are never perturbed.
+        rng_state: the RNG state the clean forward started from (dropout replay).
+    """
+    noise = []
+    for emb, mask in zip(embeddings, masks):
+        m = mask.unsqueeze(-1).to(torch.float32)
+        noise.append(project(torch.randn(emb.shape, dtype=torch.float32) * settings.sigma * m,
+                             settings.epsilon, settings.norm))
+    target = clean_output.detach()
+    for _ in range(settings.steps):
+        for d in noise:
+            d.requires_grad_(True)
+        with replay_rng(rng_state):
+            adv = forward(noise)
+        gap = output_divergence(kind, adv, target)
+        # Only the perturbation's gradient is needed: no parameter gradients are built here.
+        grads = torch.autograd.grad(gap, noise, allow_unused=True)
+        stepped = []
+        for d, g, mask in zip(noise, grads, masks):
+            m = mask.unsqueeze(-1).to(torch.float32)
+            if g is None:
+                g = torch.zeros_like(d)
+            scale = _per_example_max(g) if settings.norm == "inf" else _per_example_l2(g)
+            stepped.append(project((d + settings.step_size * g / scale) * m, settings.epsilon, settings.norm).detach())
+        noise = stepped
+    with replay_rng(rng_state):
+        adv = forward(noise)
+    return output_divergence(kind, adv, clean_output)
+
+
+class BregmanProximal:
+    """Keeps θ̃ (an EMA of the trainable parameters) and computes μ·ℓ_s(f(x;θ), f(x;θ̃))."""
+
+    def __init__(self, model: nn.Module, mu: float, beta: float):
+        self.mu, self.beta = mu, beta
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.average = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def reference_output(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        current = {n: p.detach().clone() for n, p in self.params.items()}
+        try:
+            for n, p in self.params.items():
+                p.copy_(self.average[n])
+            return forward()
+        finally:
+            for n, p in self.params.items():
+                p.copy_(current[n])
+
+    def penalty(self, kind: str, output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return self.mu * output_divergence(kind, output, reference)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """θ̃_t = (1 − β) θ_t + β θ̃_{t−1}."""
+        for n, p in self.params.items():
+            self.average[n].mul_(self.beta).add_(p.detach(), alpha=1 - self.beta)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"bregman.{n}": t for n, t in self.average.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for n in self.average:
+            key = f"bregman.{n}"
+            if key in state:
+                self.average[n].copy_(state[key])
