@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ _DEFAULT_ALIASES = {"default", DEFAULT_BACKBONE.lower(), "sentence-transformers/
 # should fail at once with our message, not after a connection timeout.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# peft calls a transformers method that is deprecated in 5.x; the warning is not the user's to fix.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
 class BackboneError(Exception):
@@ -96,7 +99,9 @@ def load_tokenizer(path: Path):
 def load_encoder(path: Path) -> nn.Module:
     """The bare encoder (e.g. ``BertModel``) with weights in fp32, in eval mode."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
     except Exception as err:

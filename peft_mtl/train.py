@@ -58,11 +58,15 @@ def check_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
     if out.is_dir() and any(p for p in out.iterdir() if p.name != ckpt.CHECKPOINT_DIR) and not (overwrite or resume):
         raise TrainingError(f"{out}: exists and is not empty; pass --overwrite to replace it, "
                             f"--resume to continue an interrupted run, or choose another --out")
-    parent = out if out.is_dir() else out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TrainingError(f"{parent}: not writable; choose an --out you can write to")
+    if out.is_dir() and (out / ckpt.CHECKPOINT_DIR).is_dir() and not (overwrite or resume):
+        raise TrainingError(f"{out}: holds an interrupted run; pass --resume to continue it or --overwrite to start over")
+    try:  # a real write is the only reliable test (root, read-only mounts, /proc, quotas)
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise TrainingError(f"{out}: not writable ({err.strerror}); choose an --out you can write to") from None
 
 
 def load_task_data(cfg: TrainConfig, tokenizer, data_dir: Path) -> tuple[dict[str, EncodedSplit], dict[str, EncodedSplit], dict[str, int]]:
