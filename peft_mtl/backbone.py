@@ -96,14 +96,20 @@ def load_tokenizer(path: Path):
         raise BackboneError(f"{path}: cannot load a tokenizer ({type(err).__name__}: {err})") from None
 
 
-def load_encoder(path: Path) -> nn.Module:
-    """The bare encoder (e.g. ``BertModel``) with weights in fp32, in eval mode."""
+def load_encoder(path: Path, attn_implementation: str = "eager") -> nn.Module:
+    """The bare encoder (e.g. ``BertModel``) with weights in fp32, in eval mode.
+
+    Eager attention is the default because on CPU, PyTorch's fused SDPA kernel (chosen
+    when attention dropout is off) has a backward pass several times slower than plain
+    matmul + softmax at these sequence lengths (measured: reports/speed.md).
+    """
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
+                                          attn_implementation=attn_implementation)
     except Exception as err:
         raise BackboneError(f"{path}: cannot load the encoder ({type(err).__name__}: {err})") from None
     if not hasattr(model, "embeddings"):
@@ -147,6 +153,16 @@ def backbone_identity(name: str, encoder: nn.Module) -> BackboneIdentity:
         config_sha256=_config_digest(config),
         weights_sha256=weights_fingerprint(encoder),
     )
+
+
+def set_dropout(encoder: nn.Module, probability: float) -> None:
+    """Set every dropout inside the encoder (hidden and attention) to ``probability``."""
+    for module in encoder.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = probability
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hasattr(encoder.config, name):
+            setattr(encoder.config, name, probability)
 
 
 def freeze(module: nn.Module) -> None:

@@ -44,6 +44,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pair-encoding", choices=["cross", "bi"], default=d.pair_encoding)
     g.add_argument("--max-length", type=int, default=d.max_length)
     g.add_argument("--head-dropout", type=float, default=d.head_dropout)
+    g.add_argument("--backbone-dropout", type=float, default=d.backbone_dropout,
+                   help="dropout inside the encoder (default: the checkpoint's own, 0.1 for BERT)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", type=int, default=d.lora.rank)
     g.add_argument("--lora-alpha", type=float, default=d.lora.alpha)
@@ -115,7 +117,7 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> TrainConfig:
               "batch_size": "batch_size", "lr": "lr", "head_lr": "head_lr", "weight_decay": "weight_decay",
               "warmup_ratio": "warmup_ratio", "max_grad_norm": "max_grad_norm", "patience": "patience",
               "seed": "seed", "precision": "precision", "pooling": "pooling", "pair_encoding": "pair_encoding",
-              "max_length": "max_length", "head_dropout": "head_dropout", "lora_plus_ratio": "lora_plus_ratio",
+              "max_length": "max_length", "head_dropout": "head_dropout", "backbone_dropout": "backbone_dropout", "lora_plus_ratio": "lora_plus_ratio",
               "sampling": "sampling", "steps_per_epoch": "steps_per_epoch", "staggered_epochs": "staggered_epochs",
               "pcgrad": "pcgrad", "sst_loss": "sst_loss", "ordinal_alpha": "ordinal_alpha",
               "simcse_epochs": "simcse_epochs", "simcse_temperature": "simcse_temperature",
@@ -224,6 +226,42 @@ def cmd_predict(args, argv) -> int:
     return 0
 
 
+def cmd_ensemble(args, argv) -> int:
+    from .ensemble import combine, ensemble_predictions, member_outputs
+    from .evaluate import predictions_from_outputs, score
+    from .inference import load_base
+    from .metrics import overall_score
+    from .runs import read_manifest
+
+    folders = [Path(f) for f in args.folders]
+    if len(folders) < 2:
+        raise ValueError("an ensemble needs at least two adapter-set folders")
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    backbone = args.backbone or read_manifest(folders[0]).get("backbone_source")
+    base = load_base(backbone, precision=args.precision)
+    names = [base.load(f, name=f"m{i}") for i, f in enumerate(folders)]
+    tasks = sorted(set.intersection(*(set(base.sets[n].tasks) for n in names)), key=["sst", "qqp", "sts"].index)
+    if not tasks:
+        raise ValueError("the folders share no task; an ensemble needs members that predict the same task")
+    splits = _load_eval_splits(tasks, args.data_dir, args.split, args.strict, base, names[0])
+    result, members_result = {}, {n: {} for n in names}
+    for t, enc in splits.items():
+        outs = member_outputs(base, t, enc, names, batched=not args.sequential, progress=not args.no_progress)
+        for n, o in zip(names, outs):
+            members_result[n][t] = score(enc, predictions_from_outputs(enc.task.kind, o))
+        method = args.method if enc.task.kind == "classification" else args.regression_method
+        result[t] = score(enc, ensemble_predictions(enc.task.kind, combine(enc.task.kind, outs, weights, method)))
+    overall = overall_score(result)
+    if overall is not None:
+        result["overall"] = overall
+    for n, f in zip(names, folders):
+        o = overall_score(members_result[n])
+        shown = " ".join(f"{t} {k} {v:.4f}" for t, m in members_result[n].items() for k, v in m.items())
+        print(f"member {f}: {shown}" + (f" overall {o:.4f}" if o is not None else ""), file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-mtl", description="Parameter-efficient multi-task fine-tuning of BERT encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,12 +291,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("ensemble", help="evaluate an ensemble of adapter sets on one shared backbone")
+    p.add_argument("folders", nargs="+")
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--method", default="mean", choices=["mean", "vote"], help="classification: mean probability or vote")
+    p.add_argument("--regression-method", default="mean", choices=["mean", "median"])
+    p.add_argument("--weights", default=None, help="comma-separated member weights (default: equal)")
+    p.add_argument("--sequential", action="store_true", help="one forward pass per member instead of one batched pass")
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_ensemble)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `predict FOLDER --task sst "a" "b"`: sentences may follow the options, which argparse
+    # cannot split between two positionals, so leftovers become inputs for predict only.
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if args.command != "predict" or any(e.startswith("--") for e in extras):
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        args.inputs = list(args.inputs) + extras
     from .backbone import BackboneError
     from .data import DataError
     from .runs import AdapterError

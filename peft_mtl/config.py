@@ -61,6 +61,7 @@ class TrainConfig:
     max_length: int = 128  # SST/QQP/STS sentences are short; longer inputs are truncated and counted
     pooling: str = "mean"  # measured better than cls on the default backbone (README)
     head_dropout: float = 0.1
+    backbone_dropout: float | None = None  # None: keep the checkpoint's own dropout (0.1 for BERT)
     pair_encoding: str = "cross"
     shared_adapter: bool | None = None  # None: on when training more than one task
     lora: LoraSettings = field(default_factory=LoraSettings)

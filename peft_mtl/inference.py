@@ -125,6 +125,7 @@ class BaseModel:
             self.model.head_tasks[key] = task
             self.model.head_pooling[key] = manifest["pooling"]
             self.model.routing[key] = [f"{name}{SEP}{a}" for a in manifest["routing"].get(task, [])]
+        self.model.eval()  # peft builds new modules in training mode; keep every dropout off
         return AdapterSet(name, folder, manifest, tasks, loaded)
 
     def _load_full(self, folder: Path, name: str, manifest: dict, tasks: list[str]) -> AdapterSet:

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .adapters import SHARED_ADAPTER, add_adapters
-from .backbone import backbone_identity, count_parameters, freeze, load_encoder, load_tokenizer, resolve_backbone
+from .backbone import (backbone_identity, count_parameters, freeze, load_encoder, load_tokenizer, resolve_backbone,
+                       set_dropout)
 from .config import TrainConfig
 from .data import (DataError, EncodedSplit, LoadedSplit, default_data_dir, encode_split, length_grouped_batches,
                    collate, load_split, task_file)
@@ -327,6 +328,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     tokenizer = load_tokenizer(backbone_path)
     encoder = load_encoder(backbone_path)
     identity = backbone_identity(backbone_name, encoder)
+    if cfg.backbone_dropout is not None:
+        set_dropout(encoder, cfg.backbone_dropout)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     train_splits, dev_splits, sizes = load_task_data(cfg, tokenizer, data_dir)
     pad_id = tokenizer.pad_token_id or 0

@@ -1,0 +1,206 @@
+"""Ensembles of adapter sets that share one backbone in memory.
+
+The seeds ensembled k full model copies; here every member is a set of LoRA adapters on
+the same frozen backbone, so k members cost k × (a few MB of adapters) rather than k models.
+
+Combining (per task):
+
+* classification — ``mean``: (weighted) average of member probabilities, argmax;
+  ``vote``: majority of member labels (ties go to the label with the higher mean probability);
+* regression — ``mean`` (weighted) or ``median`` of member scores.
+
+Members can run one after another (k forward passes) or, with ``batched=True``, in one
+forward pass: the batch is repeated once per member and peft's per-sample
+``adapter_names`` routes each copy through its member's adapter. A member whose task
+uses two adapters (shared + task) gets them concatenated into one exact equivalent LoRA
+(``add_weighted_adapter(..., combination_type="cat")``: rank r₁ + r₂, same ΔW).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import EncodedSplit, iterate_batches
+from .evaluate import predictions_from_outputs, probabilities
+from .heads import pool
+from .inference import SEP, BaseModel
+from .runtime import autocast
+from .tasks import get_task
+
+CLASSIFICATION_METHODS = ("mean", "vote")
+REGRESSION_METHODS = ("mean", "median")
+
+
+def combine(kind: str, member_outputs: list[np.ndarray], weights: list[float] | None = None,
+            method: str = "mean") -> np.ndarray:
+    """Ensemble outputs: probabilities (N, C) for classification, scores (N,) for regression."""
+    k = len(member_outputs)
+    w = np.asarray(weights if weights is not None else [1.0] * k, dtype=np.float64)
+    if len(w) != k or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("ensemble weights must be one non-negative number per member, not all zero")
+    w = w / w.sum()
+    if kind == "classification":
+        probs = np.stack([probabilities(o) for o in member_outputs])  # (k, N, C)
+        mean = np.einsum("k,knc->nc", w, probs)
+        if method == "mean":
+            return mean
+        if method == "vote":
+            votes = np.zeros_like(mean)
+            labels = probs.argmax(-1)  # (k, N)
+            for m in range(k):
+                votes[np.arange(labels.shape[1]), labels[m]] += w[m]
+            # Break ties by the mean probability, then return normalised vote shares.
+            votes = votes + 1e-9 * mean
+            return votes / votes.sum(-1, keepdims=True)
+        raise ValueError(f"classification ensembles use {CLASSIFICATION_METHODS}, not {method!r}")
+    scores = np.stack([np.asarray(o, dtype=np.float64) for o in member_outputs])
+    if method == "mean":
+        return np.einsum("k,kn->n", w, scores)
+    if method == "median":
+        return np.median(scores, axis=0)
+    raise ValueError(f"regression ensembles use {REGRESSION_METHODS}, not {method!r}")
+
+
+def ensemble_predictions(kind: str, combined: np.ndarray) -> np.ndarray:
+    if kind == "classification":
+        return combined.argmax(-1)
+    return predictions_from_outputs(kind, combined)
+
+
+def member_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str], batched: bool = False,
+                   batch_size: int = 128, progress: bool = False) -> list[np.ndarray]:
+    """Raw outputs of every member on the same encoded inputs."""
+    if batched and _can_batch(base, members):
+        return _batched_outputs(base, task, encoded, members, batch_size, progress)
+    return [base.outputs(task, encoded, m, batch_size, progress) for m in members]
+
+
+def _can_batch(base: BaseModel, members: list[str]) -> bool:
+    for m in members:
+        aset = base.sets[m]
+        if aset.model is not None or aset.manifest["config"]["lora"].get("use_dora"):
+            return False  # full models have their own encoder; DoRA has no per-sample routing in peft
+        if aset.manifest["mode"] != "lora":
+            return False
+    return True
+
+
+def routed_adapter(base: BaseModel, member: str, task: str) -> str:
+    """One peft adapter equal to the member's active combination for ``task`` (created once, on demand)."""
+    names = base.model.routing[f"{member}{SEP}{task}"]
+    if len(names) == 1:
+        return names[0]
+    combined = f"{member}{SEP}{task}{SEP}combined"
+    if combined not in base.model.encoder.peft_config:
+        base.model.encoder.base_model.add_weighted_adapter(names, [1.0] * len(names), combined, combination_type="cat")
+        base.sets[member].adapter_names.append(combined)
+        base.model._active = None
+        base.model.eval()  # new peft modules start in training mode: their LoRA dropout would be live
+    return combined
+
+
+def _batched_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str], batch_size: int,
+                     progress: bool) -> list[np.ndarray]:
+    # Combined adapters are built outside inference mode: peft fills them in place, and
+    # under inference_mode that copy is not reliably visible to the first forward pass.
+    adapters = [routed_adapter(base, m, task) for m in members]
+    base.model.eval()
+    with torch.inference_mode():
+        return _batched_forward(base, task, encoded, members, adapters, batch_size, progress)
+
+
+def _batched_forward(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str], adapters: list[str],
+                     batch_size: int, progress: bool) -> list[np.ndarray]:
+    spec = get_task(task)
+    heads = [base.model.heads[f"{m}{SEP}{task}"] for m in members]
+    poolings = [base.model.head_pooling.get(f"{m}{SEP}{task}", "mean") for m in members]
+    encoder = base.model.encoder
+    # Every adapter must be "active" in peft's sense to be routable per sample.
+    encoder.base_model.set_adapter(list(dict.fromkeys(adapters)), inference_mode=True)
+    base.model._active = None
+    k = len(members)
+    per_member: list[list[np.ndarray]] = [[] for _ in members]
+    order = []
+    member_batch = max(1, batch_size // k)
+    bar = tqdm(total=len(encoded), desc=f"ensemble {task}", disable=not progress, file=sys.stderr, leave=False)
+    with autocast(base.precision):
+        for batch in iterate_batches(encoded, member_batch, None, base.pad_id):
+            n = len(batch)
+            pooled_segments = []
+            for seg in batch.inputs:
+                stacked = {key: v.repeat(k, 1) for key, v in seg.items()}
+                names = [a for a in adapters for _ in range(n)]
+                hidden = encoder(**stacked, adapter_names=names).last_hidden_state
+                pooled_segments.append((hidden, stacked["attention_mask"]))
+            for m in range(k):
+                rows = slice(m * n, (m + 1) * n)
+                pooled = [pool(h[rows], mask[rows], poolings[m]) for h, mask in pooled_segments]
+                out = heads[m](pooled)
+                if spec.kind == "regression":
+                    out = out.squeeze(-1)
+                per_member[m].append(out.float().numpy())
+            order.append(batch.indices)
+            bar.update(n)
+    bar.close()
+    idx = np.concatenate(order)
+    results = []
+    for chunks in per_member:
+        out = np.concatenate(chunks)
+        placed = np.empty_like(out)
+        placed[idx] = out
+        results.append(placed)
+    return results
+
+
+def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters: str | None = None,
+                  ) -> list[dict]:
+    """Serve requests for different tasks in one forward pass per encoded segment layout.
+
+    ``requests`` is a list of (task, input). Single-sentence and cross-encoded pair
+    requests share one padded batch; each row is routed to its task's adapter.
+    """
+    from .data import _pad, encode_texts
+    from .inference import format_predictions
+
+    name = adapters or base.active
+    aset = base._get(name)
+    if aset.model is not None or aset.pair_encoding != "cross" or not aset.adapter_names:
+        # A full model or bi-encoder has no per-row routing: answer task by task.
+        return [base.predict(t, [x], name)[0] for t, x in requests]
+    rows, names, tasks = [], [], []
+    for t, x in requests:
+        enc = encode_texts(get_task(t), [x], base.tokenizer, aset.max_length, aset.pair_encoding)
+        rows.append(enc.segments[0][0])
+        names.append(routed_adapter(base, name, t))  # outside inference mode, see _batched_outputs
+        tasks.append(t)
+    base.model.encoder.base_model.set_adapter(list(dict.fromkeys(names)), inference_mode=True)
+    base.model._active = None
+    inputs = _pad(rows, base.pad_id)
+    results: list[dict | None] = [None] * len(requests)
+    with torch.inference_mode(), autocast(base.precision):
+        hidden = base.model.encoder(**inputs, adapter_names=names).last_hidden_state
+        for t in dict.fromkeys(tasks):
+            idx = [i for i, task in enumerate(tasks) if task == t]
+            key = f"{name}{SEP}{t}"
+            pooled = pool(hidden[idx], inputs["attention_mask"][idx], base.model.head_pooling.get(key, "mean"))
+            out = base.model.heads[key]([pooled]).float()
+            if get_task(t).kind == "regression":
+                out = out.squeeze(-1)
+            for i, pred in zip(idx, format_predictions(get_task(t).kind, out.numpy())):
+                results[i] = pred
+    return results  # type: ignore[return-value]
+
+
+def ensemble_predict(base: BaseModel, task: str, inputs, members: list[str], weights: list[float] | None = None,
+                     method: str = "mean", batched: bool = True) -> list[dict]:
+    """Ensemble prediction for raw inputs: ``{"label", "probabilities"}`` or ``{"score"}`` per input."""
+    spec = get_task(task)
+    encoded = base.encode(task, inputs, members[0])
+    combined = combine(spec.kind, member_outputs(base, task, encoded, members, batched), weights, method)
+    if spec.kind == "classification":
+        return [{"label": int(p.argmax()), "probabilities": [round(float(x), 6) for x in p]} for p in combined]
+    return [{"score": float(s)} for s in ensemble_predictions(spec.kind, combined)]

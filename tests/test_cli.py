@@ -1,0 +1,82 @@
+"""The command line: train → eval → predict, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peft_mtl.cli import main
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_backbone, small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["train", "--tasks", "sst,qqp,sts", "--out", str(out), "--backbone", str(tiny_backbone),
+                 "--data-dir", str(small_data), "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "4",
+                 "--precision", "fp32", "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_train_prints_one_final_json_line(tiny_backbone, small_data, tmp_path, capsys):
+    code = main(["train", "--tasks", "sts", "--out", str(tmp_path / "r"), "--backbone", str(tiny_backbone),
+                 "--data-dir", str(small_data), "--epochs", "1", "--precision", "fp32", "--no-progress"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "pearson" in json.loads(lines[0])["dev"]["sts"]
+
+
+def test_eval_prints_only_the_metrics_json(cli_run, small_data, capsys):
+    assert main(["eval", str(cli_run), "--data-dir", str(small_data), "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"sst", "qqp", "sts", "overall"}
+    expected = (result["sst"]["accuracy"] + result["qqp"]["accuracy"] + (result["sts"]["pearson"] + 1) / 2) / 3
+    assert result["overall"] == pytest.approx(expected)
+
+
+def test_eval_matches_the_dev_metrics_recorded_at_training(cli_run, small_data, capsys):
+    main(["eval", str(cli_run), "--data-dir", str(small_data), "--no-progress", "--precision", "fp32"])
+    result = json.loads(capsys.readouterr().out)
+    recorded = json.loads((cli_run / "peft_mtl.json").read_text())["metrics"]["dev"]
+    for task, metrics in recorded.items():
+        for k, v in metrics.items():
+            assert result[task][k] == pytest.approx(v, abs=1e-6)
+
+
+def test_eval_on_the_test_split_when_a_labelled_file_exists(cli_run, small_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    shutil.copy(data / "ids-sst-dev.csv", data / "ids-sst-test.csv")
+    for name in ("quora", "sts"):
+        shutil.copy(data / f"{name}-dev.csv", data / f"{name}-test.csv")
+    assert main(["eval", str(cli_run), "--split", "test", "--data-dir", str(data), "--no-progress"]) == 0
+    assert "overall" in json.loads(capsys.readouterr().out)
+
+
+def test_predict_sentences_and_pairs(cli_run, capsys):
+    assert main(["predict", str(cli_run), "--task", "sst", "great fun", "a bore"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["input"] for r in rows] == ["great fun", "a bore"] and all(0 <= r["label"] <= 4 for r in rows)
+    assert main(["predict", str(cli_run), "--task", "sts", "a dog runs ||| a dog is running"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["input"] == ["a dog runs", "a dog is running"] and 0 <= row["score"] <= 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "/nonexistent/folder"], "no such folder"),
+    (["train", "--tasks", "nope", "--out", "/tmp/x"], "unknown task"),
+    (["train", "--tasks", "sst", "--out", "/tmp/x", "--data-dir", "/nonexistent"], "file not found"),
+    (["train", "--tasks", "sst", "--out", "/tmp/x", "--backbone", "no-such/model"], "never downloads"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("peft-mtl: error:") and message in err[0]
+
+
+def test_predict_pair_task_without_separator_explains_the_format(cli_run, capsys):
+    assert main(["predict", str(cli_run), "--task", "qqp", "only one sentence"]) == 2
+    assert "|||" in capsys.readouterr().err
