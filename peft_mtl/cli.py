@@ -258,7 +258,36 @@ def cmd_ensemble(args, argv) -> int:
         o = overall_score(members_result[n])
         shown = " ".join(f"{t} {k} {v:.4f}" for t, m in members_result[n].items() for k, v in m.items())
         print(f"member {f}: {shown}" + (f" overall {o:.4f}" if o is not None else ""), file=sys.stderr)
+    if args.record:
+        _write_ensemble_record(Path(args.record), folders, base, names, result, args)
     print(json.dumps(result))
+    return 0
+
+
+def _write_ensemble_record(path: Path, folders: list[Path], base, names: list[str], result: dict, args) -> None:
+    from .artifacts import write_json_atomic
+    from .report import folder_bytes
+
+    manifests = [base.sets[n].manifest for n in names]
+    trainable = sum(m["parameters"]["trainable"] for m in manifests)
+    backbone_only = manifests[0]["parameters"]["total"] - manifests[0]["parameters"]["trainable"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {
+        "members": [str(f) for f in folders], "method": args.method, "regression_method": args.regression_method,
+        "weights": args.weights, "split": args.split, "metrics": result,
+        "backbone": manifests[0]["backbone"]["name"], "trainable": trainable, "total": backbone_only + trainable,
+        "bytes_on_disk": sum(folder_bytes(f) for f in folders),
+        "train_seconds": sum(m.get("train_seconds") or 0 for m in manifests),
+        "command": "peft-mtl " + " ".join(sys.argv[1:]) if sys.argv else None})
+
+
+def cmd_report(args, argv) -> int:
+    from .report import write_report
+
+    roots = [Path(r) for r in (args.runs or ["adapters", "runs", "reports"])]
+    rows = write_report(roots, Path(args.out))
+    print(json.dumps({"report": str(Path(args.out) / "report.md"), "plot": str(Path(args.out) / "params_vs_score.png"),
+                      "runs": len(rows)}))
     return 0
 
 
@@ -300,11 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regression-method", default="mean", choices=["mean", "median"])
     p.add_argument("--weights", default=None, help="comma-separated member weights (default: equal)")
     p.add_argument("--sequential", action="store_true", help="one forward pass per member instead of one batched pass")
+    p.add_argument("--record", default=None, help="also write the result as NAME.ensemble.json for `peft-mtl report`")
     p.add_argument("--backbone", default=None)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--strict", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("report", help="table + plot of trainable parameters vs score over saved runs")
+    p.add_argument("runs", nargs="*", help="folders to scan for runs (default: adapters runs reports)")
+    p.add_argument("--out", default="reports", help="where report.md and params_vs_score.png go (default reports/)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,212 @@
+"""The trainable-parameters-vs-score report: a Markdown table and a plot, from saved runs.
+
+Every folder holding a ``peft_mtl.json`` manifest is a run; every ``*.ensemble.json``
+record (written by ``peft-mtl ensemble --record``) is an ensemble. Output is a pure
+function of those files: rows sorted by name, no timestamps, fixed plot metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .artifacts import write_json_atomic
+from .runs import MANIFEST
+
+TASK_METRICS = {"sst": "accuracy", "qqp": "accuracy", "sts": "pearson"}
+
+
+@dataclass
+class Row:
+    name: str
+    mode: str
+    backbone: str
+    trainable: int
+    total: int
+    bytes_on_disk: int
+    metrics: dict[str, float]
+    overall: float | None
+    train_seconds: float | None
+    detail: str
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and ".checkpoint" not in f.parts)
+
+
+def _detail(manifest: dict) -> str:
+    cfg = manifest.get("config", {})
+    mode = manifest.get("mode")
+    parts = []
+    if mode == "lora":
+        lora = cfg.get("lora", {})
+        parts.append(f"r={lora.get('rank')} {lora.get('targets')}")
+        if len(manifest.get("tasks", [])) > 1:
+            parts.append("shared+task" if cfg.get("shared_adapter") is not False else "per-task")
+            parts.append(cfg.get("sampling", ""))
+        if lora.get("use_dora"):
+            parts.append("DoRA")
+        if lora.get("use_rslora"):
+            parts.append("rsLoRA")
+    if cfg.get("quantize"):
+        parts.append(cfg["quantize"])
+    smart = cfg.get("smart", {})
+    if smart.get("weight") or smart.get("task_weights"):
+        parts.append(f"SMART λ={smart.get('weight')}")
+    if smart.get("bregman_mu"):
+        parts.append(f"Bregman μ={smart.get('bregman_mu')}")
+    parts.append(f"{cfg.get('epochs')} ep")
+    return ", ".join(p for p in parts if p)
+
+
+def run_row(folder: Path, root: Path) -> Row:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    dev = manifest.get("metrics", {}).get("dev", {})
+    metrics = {t: dev[t][m] for t, m in TASK_METRICS.items() if t in dev}
+    params = manifest.get("parameters", {})
+    return Row(name=os.path.relpath(folder, root), mode=manifest.get("mode", "?"),
+               backbone=manifest.get("backbone", {}).get("name", "?"), trainable=int(params.get("trainable", 0)),
+               total=int(params.get("total", 0)), bytes_on_disk=folder_bytes(folder), metrics=metrics,
+               overall=manifest.get("metrics", {}).get("overall"), train_seconds=manifest.get("train_seconds"),
+               detail=_detail(manifest))
+
+
+def ensemble_row(record_path: Path, root: Path) -> Row:
+    rec = json.loads(record_path.read_text())
+    if rec.get("split") != "dev":
+        raise ValueError(f"{record_path}: the report compares dev scores; this record is on {rec.get('split')!r}")
+    metrics = {t: rec["metrics"][t][m] for t, m in TASK_METRICS.items() if t in rec["metrics"]}
+    return Row(name=os.path.relpath(record_path, root), mode="ensemble", backbone=rec.get("backbone", "?"),
+               trainable=int(rec["trainable"]), total=int(rec["total"]), bytes_on_disk=int(rec["bytes_on_disk"]),
+               metrics=metrics, overall=rec["metrics"].get("overall"), train_seconds=rec.get("train_seconds"),
+               detail=f"{len(rec['members'])} members, {rec.get('method', 'mean')}")
+
+
+def collect(roots: list[Path], base: Path) -> list[Row]:
+    rows = []
+    seen = set()
+    for root in roots:
+        if not root.exists():
+            continue
+        for manifest in sorted(root.rglob(MANIFEST)):
+            folder = manifest.parent
+            if any(part.startswith(".") for part in folder.relative_to(root).parts):
+                continue  # temporary or checkpoint folders
+            if folder.resolve() not in seen:
+                seen.add(folder.resolve())
+                rows.append(run_row(folder, base))
+        for record in sorted(root.rglob("*.ensemble.json")):
+            rows.append(ensemble_row(record, base))
+    return sorted(rows, key=lambda r: r.name)
+
+
+def pareto(points: list[tuple[int, float]]) -> set[int]:
+    """Indices of points no other point beats on both fewer parameters and a higher score."""
+    front = set()
+    for i, (p, s) in enumerate(points):
+        if not any((q <= p and t >= s) and (q < p or t > s) for j, (q, t) in enumerate(points) if j != i):
+            front.add(i)
+    return front
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def markdown(rows: list[Row], commands: str | None) -> str:
+    lines = ["# Trainable parameters vs score", "",
+             "Generated by `peft-mtl report` from the saved runs; every number comes from a run's own manifest "
+             "(dev split, best epoch). Overall = mean(SST acc, QQP acc, (STS r + 1) / 2), only for runs with all "
+             "three tasks. ★ marks the Pareto front of trainable parameters vs overall score (or vs the task "
+             "metric for single-task runs).", "",
+             "| run | mode | details | backbone | trainable params | % of total | on disk | SST acc | QQP acc | STS r | "
+             "overall | train time |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    overall_pts = [(r.trainable, r.overall) for r in rows if r.overall is not None]
+    overall_front = pareto(overall_pts) if overall_pts else set()
+    overall_rows = [r for r in rows if r.overall is not None]
+    front_names = {overall_rows[i].name for i in overall_front}
+    for task in TASK_METRICS:
+        task_rows = [r for r in rows if r.overall is None and task in r.metrics]
+        front_names |= {task_rows[i].name for i in pareto([(r.trainable, r.metrics[task]) for r in task_rows])}
+    for r in rows:
+        star = " ★" if r.name in front_names else ""
+        time_s = "—" if r.train_seconds is None else f"{r.train_seconds / 60:.1f} min"
+        lines.append(f"| `{r.name}`{star} | {r.mode} | {r.detail} | {r.backbone} | {r.trainable:,} | {r.percent:.2f}% | "
+                     f"{_human_bytes(r.bytes_on_disk)} | {_fmt(r.metrics.get('sst'))} | {_fmt(r.metrics.get('qqp'))} | "
+                     f"{_fmt(r.metrics.get('sts'))} | {_fmt(r.overall)} | {time_s} |")
+    lines += ["", "![trainable parameters vs score](params_vs_score.png)", ""]
+    if commands:
+        lines += ["## Commands that produced these runs", "", commands.strip(), ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("overall", "overall score", lambda r: r.overall)] + [
+        (t, f"{t.upper()} {m}", (lambda t: lambda r: r.metrics.get(t))(t)) for t, m in TASK_METRICS.items()]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    markers = {"lora": "o", "heads": "s", "full": "D", "ensemble": "*"}
+    for ax, (key, label, get) in zip(axes.flat, panels):
+        pts = [(r, get(r)) for r in rows if get(r) is not None]
+        if key != "overall":
+            pts = [(r, v) for r, v in pts if r.overall is None or True]
+        for mode, marker in markers.items():
+            sel = [(r, v) for r, v in pts if r.mode == mode]
+            if sel:
+                ax.scatter([max(r.trainable, 1) for r, _ in sel], [v for _, v in sel], marker=marker, s=70,
+                           label=mode, alpha=0.85)
+        for r, v in pts:
+            ax.annotate(Path(r.name).name.replace(".ensemble.json", ""), (max(r.trainable, 1), v), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        if pts:
+            front = sorted((pts[i] for i in pareto([(r.trainable, v) for r, v in pts])), key=lambda x: x[0].trainable)
+            ax.step([max(r.trainable, 1) for r, _ in front], [v for _, v in front], where="post", color="black",
+                    linewidth=1, linestyle="--", label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+        if pts:
+            ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("peft_mtl: trainable parameters vs dev score")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(roots: list[Path], out: Path, base: Path | None = None) -> list[Row]:
+    """Write ``out/report.md``, ``out/params_vs_score.png`` and ``out/report.json``."""
+    base = base or Path.cwd()
+    out.mkdir(parents=True, exist_ok=True)
+    rows = collect(roots, base)
+    commands_file = out / "commands.md"
+    commands = commands_file.read_text() if commands_file.is_file() else None
+    text = markdown(rows, commands)
+    tmp = out / ".report.md.tmp"
+    tmp.write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
+    os.replace(tmp, out / "report.md")
+    write_json_atomic(out / "report.json", [r.__dict__ for r in rows])
+    plot(rows, out / "params_vs_score.png")
+    return rows

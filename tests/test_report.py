@@ -1,0 +1,42 @@
+"""The report: one row per run and ensemble, Pareto front, deterministic output."""
+
+from __future__ import annotations
+
+import json
+
+from peft_mtl.cli import main
+from peft_mtl.report import pareto
+from peft_mtl.train import train
+
+from .test_train import tiny_config
+
+
+def test_pareto_front():
+    pts = [(10, 0.5), (100, 0.6), (50, 0.4), (1000, 0.6), (5, 0.1)]
+    assert pareto(pts) == {0, 1, 4}
+
+
+def test_report_from_runs_and_an_ensemble_is_deterministic(tiny_backbone, small_data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    train(tiny_config(tiny_backbone, small_data, runs / "lora_r16", tasks=["sst", "qqp", "sts"], epochs=1,
+                      steps_per_epoch=3), progress=False)
+    train(tiny_config(tiny_backbone, small_data, runs / "heads", tasks=["sst", "qqp", "sts"], epochs=1,
+                      steps_per_epoch=3, mode="heads"), progress=False)
+    assert main(["ensemble", str(runs / "lora_r16"), str(runs / "heads"), "--data-dir", str(small_data),
+                 "--no-progress", "--record", str(runs / "ens.ensemble.json")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "reports"
+    assert main(["report", str(runs), "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"] == 3
+    text = (out / "report.md").read_text()
+    assert "| `runs/heads`" in text or "heads" in text
+    rows = json.loads((out / "report.json").read_text())
+    by_mode = {r["mode"]: r for r in rows}
+    assert set(by_mode) == {"lora", "heads", "ensemble"}
+    assert by_mode["heads"]["trainable"] < by_mode["lora"]["trainable"]
+    assert by_mode["ensemble"]["trainable"] == by_mode["lora"]["trainable"] + by_mode["heads"]["trainable"]
+    png = (out / "params_vs_score.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    main(["report", str(runs), "--out", str(out)])
+    assert (out / "report.md").read_text() == text
+    assert (out / "params_vs_score.png").read_bytes() == png
