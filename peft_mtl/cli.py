@@ -86,6 +86,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--trace-dir", default=None, help="write rankN.jsonl: the tasks and data rows of every step")
 
 
 def _pairs(items: list[str], flag: str, cast=str) -> dict:
@@ -122,7 +123,7 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> TrainConfig:
               "pcgrad": "pcgrad", "sst_loss": "sst_loss", "ordinal_alpha": "ordinal_alpha",
               "simcse_epochs": "simcse_epochs", "simcse_temperature": "simcse_temperature",
               "max_train_examples": "max_train_examples", "max_eval_examples": "max_eval_examples",
-              "checkpoint_every": "checkpoint_every", "overwrite": "overwrite"}
+              "checkpoint_every": "checkpoint_every", "overwrite": "overwrite", "trace_dir": "trace_dir"}
     for arg, fld in simple.items():
         if take(arg):
             setattr(cfg, fld, getattr(args, arg))
@@ -160,7 +161,8 @@ def cmd_train(args, argv) -> int:
 
     cfg = config_from_args(args, _given_flags(argv))
     summary = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print(summary_line(summary), flush=True)
+    if summary.get("rank", 0) == 0:  # one result line per run, not per process
+        print(summary_line(summary), flush=True)
     return 130 if summary.get("interrupted") else 0
 
 

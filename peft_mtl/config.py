@@ -86,6 +86,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between resumable checkpoints (0: only at epoch ends)
     overwrite: bool = False
     quantize: str | None = None
+    trace_dir: str | None = None  # write one JSON line per step and rank (tasks, rows) for debugging
 
     def validate(self) -> "TrainConfig":
         from .losses import LOSSES

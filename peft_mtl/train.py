@@ -25,6 +25,7 @@ from .adapters import SHARED_ADAPTER, add_adapters
 from .backbone import (backbone_identity, count_parameters, freeze, load_encoder, load_tokenizer, resolve_backbone,
                        set_dropout)
 from .config import TrainConfig
+from .distributed import Dist, setup as setup_distributed
 from .data import (DataError, EncodedSplit, LoadedSplit, default_data_dir, encode_split, length_grouped_batches,
                    collate, load_split, task_file)
 from .evaluate import evaluate
@@ -45,8 +46,12 @@ class TrainingError(Exception):
     """Training cannot go on (bad output folder, non-finite loss, ...); the message says why."""
 
 
+_QUIET = {"on": False}  # ranks other than 0 of a distributed run stay silent
+
+
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if not _QUIET["on"]:
+        print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -161,20 +166,23 @@ class BatchStream:
     Its whole state is (pass, cursor), so a resumed run regenerates the same batches.
     """
 
-    def __init__(self, split: EncodedSplit, batch_size: int, seed: int, task_index: int, pad_id: int):
+    def __init__(self, split: EncodedSplit, batch_size: int, seed: int, task_index: int, pad_id: int,
+                 dist: Dist | None = None):
         self.split, self.batch_size, self.seed, self.task_index, self.pad_id = split, batch_size, seed, task_index, pad_id
+        # Every rank draws the same global batches of world × batch_size rows and keeps its own rows.
+        self.dist = dist or Dist()
         self.passes, self.cursor = 0, 0
         self._batches = self._make(0)
 
     def _make(self, k: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, self.task_index, k, 0xBA7])
-        return length_grouped_batches(self.split.lengths, self.batch_size, rng)
+        return length_grouped_batches(self.split.lengths, self.batch_size * self.dist.world, rng)
 
     def next(self):
         if self.cursor >= len(self._batches):
             self.passes, self.cursor = self.passes + 1, 0
             self._batches = self._make(self.passes)
-        idx = self._batches[self.cursor]
+        idx = self.dist.shard(self._batches[self.cursor])
         self.cursor += 1
         return collate(self.split, idx, self.pad_id)
 
@@ -194,7 +202,8 @@ class StepContext:
     cfg: TrainConfig
     precision: str
     bregman: BregmanProximal | None
-    losses: dict = field(default_factory=dict)
+    dist: Dist = field(default_factory=Dist)
+    trace: object | None = None  # an open file: one JSON line per step (task, rows) for debugging
 
 
 def task_loss(model: MultiTaskModel, batch, ctx: StepContext) -> torch.Tensor:
@@ -232,12 +241,15 @@ def optimizer_step(model: MultiTaskModel, tasks: tuple[str, ...], streams: dict[
                    optimizer, scheduler, ctx: StepContext, pcgrad_rng: np.random.Generator | None) -> float:
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
+    batches = {t: streams[t].next() for t in tasks}
+    if ctx.trace is not None:
+        ctx.trace.write(json.dumps({"tasks": list(tasks), "rows": {t: b.indices.tolist() for t, b in batches.items()}}) + "\n")
     if pcgrad_rng is not None and len(tasks) > 1:
         shared = model.shared_parameters()
         shared_ids = {id(p) for p in shared}
         per_task, other_grads = [], {}
         for t in tasks:
-            loss = task_loss(model, streams[t].next(), ctx)
+            loss = task_loss(model, batches[t], ctx)
             _check_finite(loss, t)
             loss.backward()
             total += loss.item()
@@ -250,10 +262,11 @@ def optimizer_step(model: MultiTaskModel, tasks: tuple[str, ...], streams: dict[
         assign_flat_grad(shared, pcgrad_combine(per_task, pcgrad_rng))
     else:
         for t in tasks:
-            loss = task_loss(model, streams[t].next(), ctx)
+            loss = task_loss(model, batches[t], ctx)
             _check_finite(loss, t)
             loss.backward()
             total += loss.item()
+    ctx.dist.average_gradients([p for p in model.parameters() if p.requires_grad])
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], ctx.cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
@@ -318,7 +331,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     """Train, evaluate on dev every epoch, save the best state to ``cfg.out``; return the summary."""
     cfg.validate()
     out = Path(cfg.out)
-    check_output_folder(out, cfg.overwrite, resume)
+    dist = setup_distributed()
+    _QUIET["on"] = not dist.is_main
+    progress = progress and dist.is_main
+    if dist.is_main:
+        check_output_folder(out, cfg.overwrite, resume)
+    dist.barrier()
     started = time.time()
     configure_threads()
     seed_everything(cfg.seed)
@@ -336,6 +354,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     model = build_model(cfg, encoder, encoder.config.hidden_size)
     model.train()
+    if dist.enabled:
+        # Same initial weights everywhere (seeded above), different dropout masks per rank.
+        torch.manual_seed(cfg.seed + 7919 * dist.rank)
     trainable, total = count_parameters(model)
     log(f"backbone {backbone_name} ({identity.num_layers} layers, {identity.hidden_size} wide), mode {cfg.mode}, "
         f"tasks {','.join(cfg.tasks)}, precision {precision}; trainable parameters {trainable:,} of {total:,} "
@@ -351,8 +372,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         steps_per_epoch = math.ceil(len(train_splits[cfg.tasks[0]]) / cfg.batch_size)
     scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_ratio)
     bregman = BregmanProximal(model, cfg.smart.bregman_mu, cfg.smart.bregman_beta) if cfg.smart.bregman_mu > 0 else None
-    ctx = StepContext(cfg, precision, bregman)
-    streams = {t: BatchStream(train_splits[t], cfg.batch_size, cfg.seed, i, pad_id) for i, t in enumerate(cfg.tasks)}
+    trace = None
+    if cfg.trace_dir:
+        Path(cfg.trace_dir).mkdir(parents=True, exist_ok=True)
+        trace = open(Path(cfg.trace_dir) / f"rank{dist.rank}.jsonl", "a", encoding="utf-8")
+    ctx = StepContext(cfg, precision, bregman, dist, trace)
+    streams = {t: BatchStream(train_splits[t], cfg.batch_size, cfg.seed, i, pad_id, dist)
+               for i, t in enumerate(cfg.tasks)}
     pcgrad_rng = np.random.default_rng([cfg.seed, 0xBC6]) if cfg.pcgrad else None
 
     progress_state = ckpt.Progress()
@@ -387,16 +413,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                     break
                 if cfg.checkpoint_every and progress_state.global_step % cfg.checkpoint_every == 0:
                     progress_state.train_seconds = time.time() - train_started
-                    ckpt.save(out, model, optimizer, scheduler, streams, bregman, progress_state, cfg)
+                    _save_checkpoint(dist, out, model, optimizer, scheduler, streams, bregman, progress_state, cfg)
             bar.close()
             if stop_requested["signal"] is not None:
                 progress_state.train_seconds = time.time() - train_started
-                ckpt.save(out, model, optimizer, scheduler, streams, bregman, progress_state, cfg)
+                _save_checkpoint(dist, out, model, optimizer, scheduler, streams, bregman, progress_state, cfg)
                 name = signal.Signals(stop_requested["signal"]).name
                 log(f"{name}: checkpoint saved to {out / ckpt.CHECKPOINT_DIR}; continue with --resume")
                 return {"interrupted": True, "epoch": epoch, "step": progress_state.step}
 
-            metrics = evaluate(model, dev_splits, cfg.eval_batch_size, precision, progress, pad_id)
+            metrics = evaluate_sharded(model, dev_splits, cfg.eval_batch_size, precision, progress, pad_id, dist)
             overall = overall_score(metrics)
             score = primary_score(metrics)
             train_loss = progress_state.loss_sum / max(1, progress_state.loss_count)
@@ -417,13 +443,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             progress_state.epoch, progress_state.step = epoch + 1, 0
             progress_state.loss_sum, progress_state.loss_count = 0.0, 0
             progress_state.train_seconds = time.time() - train_started
-            ckpt.save(out, model, optimizer, scheduler, streams, bregman, progress_state, cfg)
+            _save_checkpoint(dist, out, model, optimizer, scheduler, streams, bregman, progress_state, cfg)
             if progress_state.epochs_since_best >= cfg.patience and epoch < cfg.epochs:
                 log(f"early stop: no dev improvement for {cfg.patience} epochs (best epoch {progress_state.best_epoch})")
                 break
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if trace is not None:
+            trace.close()
 
     train_seconds = time.time() - train_started
     ckpt.load_trainable_state(model, progress_state.best_state)
@@ -444,15 +472,60 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         "total_seconds": round(time.time() - started, 1),
         "precision": precision,
     }
-    save_run(model, out, manifest, tokenizer=tokenizer, overwrite=True)
-    ckpt.remove(out)
+    manifest["processes"] = dist.world
+    if dist.is_main:
+        save_run(model, out, manifest, tokenizer=tokenizer, overwrite=True)
+        ckpt.remove(out)
+    dist.barrier()
+    if cfg.trace_dir:
+        with open(Path(cfg.trace_dir) / f"rank{dist.rank}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"final_trainable_sha256": _state_digest(ckpt.trainable_state(model))}) + "\n")
     summary = {"out": str(out), "tasks": cfg.tasks, "mode": cfg.mode, "best_epoch": progress_state.best_epoch,
                "dev": progress_state.best_metrics, "overall": overall_score(progress_state.best_metrics),
                "trainable_parameters": trainable, "train_seconds": round(train_seconds, 1)}
+    if dist.enabled:
+        summary.update(rank=dist.rank, processes=dist.world)
     log(f"done: {out} | best epoch {progress_state.best_epoch} | "
         + " ".join(f"{t} {k} {v:.4f}" for t, m in progress_state.best_metrics.items() for k, v in m.items())
         + f" | {train_seconds:.0f}s training")
     return summary
+
+
+def _state_digest(state: dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save_checkpoint(dist: Dist, *args) -> None:
+    if dist.is_main:
+        ckpt.save(*args)
+    dist.barrier()
+
+
+def evaluate_sharded(model, splits: dict[str, EncodedSplit], batch_size: int, precision: str, progress: bool,
+                     pad_id: int, dist: Dist) -> dict[str, dict[str, float]]:
+    """Dev metrics; with several processes each evaluates rows[rank::N] and outputs are gathered."""
+    if not dist.enabled:
+        return evaluate(model, splits, batch_size, precision, progress, pad_id)
+    from .evaluate import predictions_from_outputs, raw_outputs, score
+
+    results = {}
+    for task, split in splits.items():
+        idx = dist.shard(np.arange(len(split)))
+        part = EncodedSplit(split.task, [[seg[i] for i in idx] for seg in split.segments], split.labels[idx], 0)
+        outputs = raw_outputs(model, part, batch_size, precision, progress, pad_id) if len(part) else None
+        gathered = dist.gather((idx, outputs))
+        full = np.concatenate([o for i, o in gathered if o is not None])
+        order = np.concatenate([i for i, o in gathered if o is not None])
+        placed = np.empty_like(full)
+        placed[order] = full
+        results[task] = score(split, predictions_from_outputs(split.task.kind, placed))
+    return results
 
 
 def summary_line(summary: dict) -> str:
