@@ -155,6 +155,39 @@ def backbone_identity(name: str, encoder: nn.Module) -> BackboneIdentity:
     )
 
 
+QUANTIZATIONS = ("int8", "nf4")
+
+
+def load_quantized_encoder(path: Path, quantize: str) -> nn.Module:
+    """The encoder with its linear layers quantized by bitsandbytes (LoRA trains on top, QLoRA-style).
+
+    On this CPU both settings train, but slowly: bitsandbytes' CPU kernels dequantize on
+    every matmul (reports/quantization.md). Embeddings and LayerNorms stay in fp32.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise BackboneError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import AutoModel, BitsAndBytesConfig
+    except ImportError:
+        raise BackboneError("--quantize needs bitsandbytes: pip install 'bitsandbytes>=0.45' "
+                            "(its CPU backend is enough)") from None
+    if quantize == "int8":
+        qconfig = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                     bnb_4bit_compute_dtype=torch.bfloat16)
+    try:
+        model = AutoModel.from_pretrained(str(path), local_files_only=True, quantization_config=qconfig,
+                                          device_map="cuda" if torch.cuda.is_available() else "cpu",
+                                          attn_implementation="eager")
+    except Exception as err:
+        raise BackboneError(f"{path}: bitsandbytes could not quantize this model to {quantize} on this machine "
+                            f"({type(err).__name__}: {err}). Train without --quantize.") from None
+    model.eval()
+    return model
+
+
 def set_dropout(encoder: nn.Module, probability: float) -> None:
     """Set every dropout inside the encoder (hidden and attention) to ``probability``."""
     for module in encoder.modules():

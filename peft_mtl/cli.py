@@ -41,6 +41,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 autocast where the CPU has native bf16, else fp32")
     g = p.add_argument_group("model")
     g.add_argument("--pooling", choices=["mean", "cls"], default=d.pooling)
+    g.add_argument("--quantize", choices=["int8", "nf4"], default=None,
+                   help="quantize the frozen backbone with bitsandbytes (LoRA on top); slow on CPU")
     g.add_argument("--pair-encoding", choices=["cross", "bi"], default=d.pair_encoding)
     g.add_argument("--max-length", type=int, default=d.max_length)
     g.add_argument("--head-dropout", type=float, default=d.head_dropout)
@@ -123,7 +125,7 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> TrainConfig:
               "pcgrad": "pcgrad", "sst_loss": "sst_loss", "ordinal_alpha": "ordinal_alpha",
               "simcse_epochs": "simcse_epochs", "simcse_temperature": "simcse_temperature",
               "max_train_examples": "max_train_examples", "max_eval_examples": "max_eval_examples",
-              "checkpoint_every": "checkpoint_every", "overwrite": "overwrite", "trace_dir": "trace_dir"}
+              "checkpoint_every": "checkpoint_every", "overwrite": "overwrite", "trace_dir": "trace_dir", "quantize": "quantize"}
     for arg, fld in simple.items():
         if take(arg):
             setattr(cfg, fld, getattr(args, arg))
@@ -293,6 +295,16 @@ def cmd_report(args, argv) -> int:
     return 0
 
 
+def cmd_bench(args, argv) -> int:
+    from . import bench
+
+    result = bench.run(Path(args.out), steps=args.steps, repeats=args.repeats, ensemble_members=args.members,
+                       quick=args.quick)
+    bench.write(result, Path(args.out), "peft-mtl bench " + " ".join(argv[1:]))
+    print(json.dumps(result["ratios"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-mtl", description="Parameter-efficient multi-task fine-tuning of BERT encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="*", help="folders to scan for runs (default: adapters runs reports)")
     p.add_argument("--out", default="reports", help="where report.md and params_vs_score.png go (default reports/)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="speed/memory benchmark vs the plain Hugging Face pipeline -> reports/bench.{json,md}")
+    p.add_argument("--out", default="reports")
+    p.add_argument("--steps", type=int, default=12, help="training steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--members", type=int, default=5, help="ensemble size")
+    p.add_argument("--quick", action="store_true", help="skip full fine-tuning and the bert-base-sized model")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -138,6 +138,10 @@ class TrainConfig:
             fail("shared_adapter", f"needs mode lora (mode is {self.mode})")
         if self.pcgrad and self.sampling != "sum":
             fail("pcgrad", "needs --sampling sum (PCGrad compares the tasks' gradients within one step)")
+        if self.quantize is not None and self.quantize not in ("int8", "nf4"):
+            fail("quantize", "must be int8 or nf4")
+        if self.quantize and self.mode != "lora":
+            fail("quantize", f"a quantized backbone cannot be fine-tuned in mode {self.mode}; use --mode lora")
         if self.simcse_epochs and self.mode == "heads":
             fail("simcse_epochs", "SimCSE trains the encoder, which heads-only mode freezes")
         return self

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .adapters import SHARED_ADAPTER, add_adapters
-from .backbone import (backbone_identity, count_parameters, freeze, load_encoder, load_tokenizer, resolve_backbone,
-                       set_dropout)
+from .backbone import (backbone_identity, count_parameters, freeze, load_encoder, load_quantized_encoder,
+                       load_tokenizer, resolve_backbone, set_dropout)
 from .config import TrainConfig
 from .distributed import Dist, setup as setup_distributed
 from .data import (DataError, EncodedSplit, LoadedSplit, default_data_dir, encode_split, length_grouped_batches,
@@ -345,7 +345,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     backbone_name, backbone_path = resolve_backbone(cfg.backbone)
     tokenizer = load_tokenizer(backbone_path)
     encoder = load_encoder(backbone_path)
+    # The identity is the full-precision backbone's, so adapters trained on a quantized copy
+    # load into the ordinary backbone at inference.
     identity = backbone_identity(backbone_name, encoder)
+    if cfg.quantize:
+        encoder = load_quantized_encoder(backbone_path, cfg.quantize)
+        precision = "fp32"  # bitsandbytes layers pick their own compute dtype; autocast would fight them
     if cfg.backbone_dropout is not None:
         set_dropout(encoder, cfg.backbone_dropout)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
