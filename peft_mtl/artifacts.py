@@ -14,6 +14,17 @@ import torch
 from safetensors.torch import save_file
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(path: str | os.PathLike, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual permissions."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def write_json_atomic(path: str | os.PathLike, data, indent: int = 2) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -23,6 +34,7 @@ def write_json_atomic(path: str | os.PathLike, data, indent: int = 2) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        _public(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -35,6 +47,7 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLik
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        _public(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -50,6 +63,7 @@ def atomic_folder(final: str | os.PathLike, overwrite: bool = False) -> Iterator
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    _public(tmp, directory=True)
     try:
         yield tmp
     except BaseException:
