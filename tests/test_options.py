@@ -1,0 +1,118 @@
+"""Every multi-task option changes what training does (none is a silent no-op)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from peft_mtl.backbone import load_tokenizer
+from peft_mtl.config import TrainConfig
+from peft_mtl.losses import get_loss
+from peft_mtl.train import BatchStream, StepContext, build_optimizer, build_scheduler, load_task_data, optimizer_step, \
+    run_simcse, task_loss
+
+from .test_adapters import batch
+
+
+def test_no_shared_gives_independent_adapters(tiny_model_factory):
+    shared = tiny_model_factory(TrainConfig(tasks=["sst", "qqp"]))
+    independent = tiny_model_factory(TrainConfig(tasks=["sst", "qqp"], shared_adapter=False))
+    assert set(shared.encoder.peft_config) == {"shared", "sst", "qqp"}
+    assert set(independent.encoder.peft_config) == {"sst", "qqp"}
+    assert independent.routing == {"sst": ["sst"], "qqp": ["qqp"]}
+
+
+@pytest.mark.parametrize("name", ["dual", "ordinal", "cross_entropy"])
+def test_sst_loss_option_is_the_loss_training_uses(tiny_model_factory, tiny_backbone, name):
+    model = tiny_model_factory(TrainConfig(tasks=["sst"]))
+    model.eval()
+    b = batch(tiny_backbone)
+    cfg = TrainConfig(tasks=["sst"], sst_loss=name)
+    with torch.no_grad():
+        got = task_loss(model, b, StepContext(cfg, "fp32", None)).item()
+        expected = get_loss(name)(model("sst", b.inputs), b.labels, alpha=cfg.ordinal_alpha).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def _streams(cfg, tiny_backbone, small_data):
+    train, _, sizes = load_task_data(cfg, load_tokenizer(tiny_backbone), Path(small_data))
+    return {t: BatchStream(train[t], 4, 0, i, 0) for i, t in enumerate(cfg.tasks)}, sizes, train
+
+
+def test_pcgrad_changes_the_shared_update_when_tasks_conflict(tiny_model_factory, tiny_backbone, small_data):
+    updates = {}
+    for pcgrad in (False, True):
+        cfg = TrainConfig(tasks=["sst", "sts"], sampling="sum", pcgrad=pcgrad, lr=1e-2)
+        model = tiny_model_factory(cfg)
+        model.train()
+        streams, _, _ = _streams(cfg, tiny_backbone, small_data)
+        opt = build_optimizer(cfg, model)
+        sched = build_scheduler(opt, 10, 0.0)
+        before = [p.detach().clone() for p in model.shared_parameters()]
+        torch.manual_seed(0)
+        for _ in range(3):
+            optimizer_step(model, ("sst", "sts"), streams, opt, sched, StepContext(cfg, "fp32", None),
+                           np.random.default_rng(0) if pcgrad else None)
+        updates[pcgrad] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.shared_parameters(), before)])
+    assert updates[True].abs().sum() > 0
+    assert not torch.allclose(updates[True], updates[False])
+
+
+def test_simcse_trains_only_the_shared_adapter(tiny_model_factory, tiny_backbone, small_data):
+    cfg = TrainConfig(tasks=["sst", "qqp"], simcse_epochs=1, batch_size=8, lr=1e-2)
+    model = tiny_model_factory(cfg)
+    _, _, train = _streams(cfg, tiny_backbone, small_data)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    losses = run_simcse(model, cfg, train, "fp32", 0, progress=False)
+    assert losses and all(np.isfinite(losses))
+    moved = {n for n, p in model.named_parameters() if "lora_" in n and not torch.equal(p, before[n])}
+    assert moved and all(".shared." in n for n in moved)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n), "all adapters trainable again"
+
+
+def test_bi_encoding_uses_two_passes_and_a_cosine_sts_head(tiny_model_factory, tiny_backbone):
+    cfg = TrainConfig(tasks=["sts", "qqp"], pair_encoding="bi")
+    model = tiny_model_factory(cfg)
+    assert model.heads["sts"].cosine and model.heads["sts"].linear is None
+    assert model.heads["qqp"].linear.in_features == 3 * 32
+    from peft_mtl.data import collate, encode_texts
+    from peft_mtl.tasks import get_task
+
+    enc = encode_texts(get_task("sts"), [("a man plays", "a man plays"), ("a cat", "stock prices fell")],
+                       load_tokenizer(tiny_backbone), pair_encoding="bi")
+    b = collate(enc, [0, 1])
+    model.eval()
+    with torch.no_grad():
+        scores = model("sts", b.inputs)
+    assert scores[0].item() == pytest.approx(5.0, abs=1e-4), "identical sentences have cosine 1 -> score 5"
+    assert scores[1].item() < 5.0
+
+
+def test_extra_train_rows_do_not_change_sampler_sizes(tiny_backbone, small_data, tmp_path):
+    extra = tmp_path / "extra.csv"
+    extra.write_text("\tid\tsentence\tsentiment\n0\ta\tnew paraphrased review\t4\n1\tb\tanother one\t0\n")
+    cfg = TrainConfig(tasks=["sst"], extra_train={"sst": str(extra)})
+    train, _, sizes = load_task_data(cfg, load_tokenizer(tiny_backbone), Path(small_data))
+    plain, _, plain_sizes = load_task_data(TrainConfig(tasks=["sst"]), load_tokenizer(tiny_backbone), Path(small_data))
+    assert sizes == plain_sizes == {"sst": 48}
+    assert len(train["sst"]) == len(plain["sst"]) + 2
+
+
+def test_lora_variants_reach_peft(tiny_model_factory):
+    cfg = TrainConfig(tasks=["sst"])
+    cfg.lora.use_rslora, cfg.lora.rank, cfg.lora.targets = True, 4, "qv"
+    model = tiny_model_factory(cfg)
+    pc = model.encoder.peft_config["sst"]
+    assert pc.use_rslora and pc.r == 4
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"query", "value"}
+    cfg = TrainConfig(tasks=["sst"], lora_plus_ratio=16.0)
+    model = tiny_model_factory(cfg)
+    opt = build_optimizer(cfg, model)
+    assert sorted({g["lr"] for g in opt.param_groups}) == [cfg.lr, cfg.lr * 16]
+    cfg = TrainConfig(tasks=["sst"])
+    cfg.lora.use_dora = True
+    assert any("lora_magnitude" in n for n, _ in tiny_model_factory(cfg).named_parameters())
