@@ -91,6 +91,8 @@ class MultiTaskModel(nn.Module):
         if not self.routing:
             return
         names = tuple(self.routing[key])
+        if not names and not hasattr(self.encoder, "peft_config"):
+            return  # a heads-only set on a bare backbone: nothing to route
         trainable = self.training if trainable is None else trainable
         if names != self._active or trainable != self._active_trainable:
             activate(self.encoder, list(names), trainable=trainable)

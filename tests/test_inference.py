@@ -122,3 +122,16 @@ def test_damaged_folders_give_one_clear_error(trained, tiny_backbone, tmp_path, 
         base.load(folder)
     assert str(folder) in str(info.value)
     assert base.sets == {}
+
+
+def test_heads_only_set_loads_alone_and_beside_adapter_sets(tiny_backbone, small_data, trained, tmp_path):
+    train(tiny_config(tiny_backbone, small_data, tmp_path / "heads", epochs=1, mode="heads"), progress=False)
+    alone = load_base(str(tiny_backbone), precision="fp32")
+    alone.load(tmp_path / "heads", name="h")
+    expected = alone.predict("sst", ["a fine film"])[0]
+    mixed = load_base(str(tiny_backbone), precision="fp32")
+    mixed.load(trained / "sst", name="a")
+    mixed.load(tmp_path / "heads", name="h")
+    got = mixed.predict("sst", ["a fine film"], adapters="h")[0]
+    assert got["label"] == expected["label"]
+    assert got["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5), "no LoRA delta may leak in"
