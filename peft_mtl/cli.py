@@ -169,17 +169,18 @@ def cmd_train(args, argv) -> int:
 
 
 def _load_eval_splits(tasks: list[str], data_dir: str | None, split: str, strict: bool, base, set_name: str):
-    from .data import default_data_dir, load_split, task_file
+    """Encoded labelled splits, tokenised the way ``set_name`` was trained (length, pair encoding)."""
+    from .data import default_data_dir, encode_split, load_split, task_file
     from .tasks import get_task
 
     folder = Path(data_dir) if data_dir else default_data_dir()
+    aset = base.sets[set_name]
     encoded = {}
     for t in tasks:
         loaded = load_split(task_file(folder, get_task(t), split), get_task(t), strict=strict)
         if loaded.skip_report():
             print(loaded.skip_report(), file=sys.stderr)
-        encoded[t] = base.encode(t, [e.texts for e in loaded.examples], set_name)
-        encoded[t].labels = __import__("numpy").array([e.label for e in loaded.examples], dtype="float32")
+        encoded[t] = encode_split(loaded, base.tokenizer, aset.max_length, aset.pair_encoding)
     return encoded
 
 
@@ -247,10 +248,19 @@ def cmd_ensemble(args, argv) -> int:
     tasks = sorted(set.intersection(*(set(base.sets[n].tasks) for n in names)), key=["sst", "qqp", "sts"].index)
     if not tasks:
         raise ValueError("the folders share no task; an ensemble needs members that predict the same task")
-    splits = _load_eval_splits(tasks, args.data_dir, args.split, args.strict, base, names[0])
+    # Members tokenised differently (max length, cross vs bi encoding) each get their own encoding.
+    layouts = {n: (base.sets[n].max_length, base.sets[n].pair_encoding) for n in names}
+    splits_by_layout = {}
+    for n in names:
+        if layouts[n] not in splits_by_layout:
+            splits_by_layout[layouts[n]] = _load_eval_splits(tasks, args.data_dir, args.split, args.strict, base, n)
+    splits = splits_by_layout[layouts[names[0]]]
     result, members_result = {}, {n: {} for n in names}
     for t, enc in splits.items():
-        outs = member_outputs(base, t, enc, names, batched=not args.sequential, progress=not args.no_progress)
+        if len(splits_by_layout) == 1:
+            outs = member_outputs(base, t, enc, names, batched=not args.sequential, progress=not args.no_progress)
+        else:
+            outs = [member_outputs(base, t, splits_by_layout[layouts[n]][t], [n])[0] for n in names]
         for n, o in zip(names, outs):
             members_result[n][t] = score(enc, predictions_from_outputs(enc.task.kind, o))
         method = args.method if enc.task.kind == "classification" else args.regression_method
