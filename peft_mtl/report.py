@@ -70,9 +70,11 @@ def run_row(folder: Path, root: Path) -> Row:
     dev = manifest.get("metrics", {}).get("dev", {})
     metrics = {t: dev[t][m] for t, m in TASK_METRICS.items() if t in dev}
     params = manifest.get("parameters", {})
+    # A run whose weights are kept out of git (a full fine-tune) ships its manifest with the size it had.
+    size = int(manifest["bytes_on_disk"]) if "bytes_on_disk" in manifest else folder_bytes(folder)
     return Row(name=os.path.relpath(folder, root), mode=manifest.get("mode", "?"),
                backbone=manifest.get("backbone", {}).get("name", "?"), trainable=int(params.get("trainable", 0)),
-               total=int(params.get("total", 0)), bytes_on_disk=folder_bytes(folder), metrics=metrics,
+               total=int(params.get("total", 0)), bytes_on_disk=size, metrics=metrics,
                overall=manifest.get("metrics", {}).get("overall"), train_seconds=manifest.get("train_seconds"),
                detail=_detail(manifest))
 
