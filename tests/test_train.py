@@ -113,14 +113,14 @@ def cli(*args, **kwargs) -> subprocess.Popen:
 def longer_data(tmp_path_factory):
     src = real_data_dir()
     dst = tmp_path_factory.mktemp("longer")
-    write_slice(src / "ids-sst-train.csv", dst / "ids-sst-train.csv", 600)
+    write_slice(src / "ids-sst-train.csv", dst / "ids-sst-train.csv", 240)
     write_slice(src / "ids-sst-dev.csv", dst / "ids-sst-dev.csv", 40)
     return dst
 
 
 def resumable_args(tiny_backbone, data, out):
     return ["train", "--tasks", "sst", "--out", str(out), "--backbone", str(tiny_backbone), "--data-dir", str(data),
-            "--epochs", "3", "--batch-size", "4", "--lr", "5e-3", "--precision", "fp32", "--checkpoint-every", "25",
+            "--epochs", "2", "--batch-size", "4", "--lr", "5e-3", "--precision", "fp32", "--checkpoint-every", "25",
             "--no-progress"]
 
 
