@@ -44,7 +44,12 @@ def autocast(precision: str):
 
 
 def configure_threads() -> int:
-    """Use every core we were given (torch defaults to physical cores, which can be fewer)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Use every core we were given (torch defaults to physical cores, which can be fewer),
+    unless OMP_NUM_THREADS says otherwise (launchers set it so processes don't oversubscribe)."""
+    requested = os.environ.get("OMP_NUM_THREADS", "")
+    if requested.isdigit() and int(requested) > 0:
+        n = int(requested)
+    else:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, n))
     return n

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# The tiny test models are too small to gain from two threads, and two test processes (or a
+# test beside a training run) fighting over two cores makes every small op spin: one thread
+# each keeps the suite fast. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATA_FILES = ["ids-sst-train.csv", "ids-sst-dev.csv", "quora-train.csv", "quora-dev.csv", "sts-train.csv", "sts-dev.csv"]
