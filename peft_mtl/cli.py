@@ -298,7 +298,7 @@ def _write_ensemble_record(path: Path, folders: list[Path], base, names: list[st
 def cmd_report(args, argv) -> int:
     from .report import write_report
 
-    roots = [Path(r) for r in (args.runs or ["adapters", "runs", "reports"])]
+    roots = [Path(r) for r in (args.runs or ["adapters", "reports"])]
     rows = write_report(roots, Path(args.out))
     print(json.dumps({"report": str(Path(args.out) / "report.md"), "plot": str(Path(args.out) / "params_vs_score.png"),
                       "runs": len(rows)}))
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("report", help="table + plot of trainable parameters vs score over saved runs")
-    p.add_argument("runs", nargs="*", help="folders to scan for runs (default: adapters runs reports)")
+    p.add_argument("runs", nargs="*", help="folders to scan for runs and *.ensemble.json records (default: adapters reports)")
     p.add_argument("--out", default="reports", help="where report.md and params_vs_score.png go (default reports/)")
     p.set_defaults(func=cmd_report)
 
