@@ -66,7 +66,8 @@ class TrainConfig:
     shared_adapter: bool | None = None  # None: on when training more than one task
     lora: LoraSettings = field(default_factory=LoraSettings)
     smart: SmartSettings = field(default_factory=SmartSettings)
-    sampling: str = "annealed"
+    # uniform beat annealed, staggered and independent adapters on this data (reports/multitask.md)
+    sampling: str = "uniform"
     steps_per_epoch: int | None = None  # None: one pass over all training examples
     staggered_epochs: int = 1  # `staggered` sampling: QQP alone for this many epochs
     sst_loss: str = "cross_entropy"
