@@ -26,6 +26,8 @@ def flags(config: dict) -> str:
             value, base = value.get(p), base.get(p)
         if key == "tasks":
             out.append(f"--tasks {','.join(value)}")
+        elif key in ("epochs",) or (key == "sampling" and len(config["tasks"]) > 1):
+            out.append(f"--{key.replace('_', '-')} {value}")
         elif value != base:
             if key == "shared_adapter":
                 if value is False:
