@@ -258,7 +258,7 @@ def cmd_ensemble(args, argv) -> int:
     result, members_result = {}, {n: {} for n in names}
     for t, enc in splits.items():
         if len(splits_by_layout) == 1:
-            outs = member_outputs(base, t, enc, names, batched=not args.sequential, progress=not args.no_progress)
+            outs = member_outputs(base, t, enc, names, batched=args.batched, progress=not args.no_progress)
         else:
             outs = [member_outputs(base, t, splits_by_layout[layouts[n]][t], [n])[0] for n in names]
         for n, o in zip(names, outs):
@@ -352,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="mean", choices=["mean", "vote"], help="classification: mean probability or vote")
     p.add_argument("--regression-method", default="mean", choices=["mean", "median"])
     p.add_argument("--weights", default=None, help="comma-separated member weights (default: equal)")
-    p.add_argument("--sequential", action="store_true", help="one forward pass per member instead of one batched pass")
+    p.add_argument("--batched", action="store_true",
+                   help="all members in one forward pass (peft per-sample routing); measured slower than one pass "
+                        "per member on CPU (reports/bench.md), so off by default")
     p.add_argument("--record", default=None, help="also write the result as NAME.ensemble.json for `peft-mtl report`")
     p.add_argument("--backbone", default=None)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")

@@ -98,7 +98,7 @@ def routed_adapter(base: BaseModel, member: str, task: str) -> str:
     if combined not in base.model.encoder.peft_config:
         base.model.encoder.base_model.add_weighted_adapter(names, [1.0] * len(names), combined, combination_type="cat")
         base.sets[member].adapter_names.append(combined)
-        base.model._active = None
+        base.model.reset_routing()
         base.model.eval()  # new peft modules start in training mode: their LoRA dropout would be live
     return combined
 
@@ -121,7 +121,7 @@ def _batched_forward(base: BaseModel, task: str, encoded: EncodedSplit, members:
     encoder = base.model.encoder
     # Every adapter must be "active" in peft's sense to be routable per sample.
     encoder.base_model.set_adapter(list(dict.fromkeys(adapters)), inference_mode=True)
-    base.model._active = None
+    base.model.reset_routing()
     k = len(members)
     per_member: list[list[np.ndarray]] = [[] for _ in members]
     order = []
@@ -178,7 +178,7 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
         names.append(routed_adapter(base, name, t))  # outside inference mode, see _batched_outputs
         tasks.append(t)
     base.model.encoder.base_model.set_adapter(list(dict.fromkeys(names)), inference_mode=True)
-    base.model._active = None
+    base.model.reset_routing()
     inputs = _pad(rows, base.pad_id)
     results: list[dict | None] = [None] * len(requests)
     with torch.inference_mode(), autocast(base.precision):
@@ -196,7 +196,7 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
 
 
 def ensemble_predict(base: BaseModel, task: str, inputs, members: list[str], weights: list[float] | None = None,
-                     method: str = "mean", batched: bool = True) -> list[dict]:
+                     method: str = "mean", batched: bool = False) -> list[dict]:
     """Ensemble prediction for raw inputs: ``{"label", "probabilities"}`` or ``{"score"}`` per input."""
     spec = get_task(task)
     encoded = base.encode(task, inputs, members[0])

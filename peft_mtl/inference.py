@@ -110,7 +110,7 @@ class BaseModel:
                 raise AdapterError(f"{path}: peft could not load this adapter ({type(err).__name__}: {err}). "
                                    f"Was it trained on this backbone?") from None
             loaded.append(full_name)
-        self.model._active = None
+        self.model.reset_routing()
         hidden = self.identity.hidden_size
         for task in tasks:
             key = f"{name}{SEP}{task}"
@@ -150,7 +150,7 @@ class BaseModel:
                 del self.model.heads[key]
             self.model.routing.pop(key, None)
             self.model.head_tasks.pop(key, None)
-        self.model._active = None
+        self.model.reset_routing()
         del self.sets[name]
         if self.active == name:
             self.active = next(iter(self.sets), None)

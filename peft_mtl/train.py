@@ -298,7 +298,7 @@ def run_simcse(model: MultiTaskModel, cfg: TrainConfig, train: dict[str, Encoded
         if not cfg.uses_shared_adapter:
             raise TrainingError("SimCSE trains the shared adapter; drop --no-shared or --simcse-epochs")
         model.encoder.base_model.set_adapter([SHARED_ADAPTER])
-        model._active = None
+        model.reset_routing()
     params = [p for n, p in model.encoder.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     lengths = np.array([len(s["input_ids"]) for s in sentences])
