@@ -26,7 +26,9 @@ def flags(config: dict) -> str:
             value, base = value.get(p), base.get(p)
         if key == "tasks":
             out.append(f"--tasks {','.join(value)}")
-        elif key in ("epochs",) or (key == "sampling" and len(config["tasks"]) > 1):
+        elif key == "sampling" and len(config["tasks"]) == 1:
+            continue  # a single task has nothing to sample between
+        elif key in ("epochs",) or key == "sampling":
             out.append(f"--{key.replace('_', '-')} {value}")
         elif value != base:
             if key == "shared_adapter":
