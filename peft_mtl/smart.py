@@ -124,6 +124,10 @@ class BregmanProximal:
     @torch.no_grad()
     def reference_output(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         current = {n: p.detach().clone() for n, p in self.params.items()}
+        # Autocast caches the low-precision casts of trainable leaf tensors for the whole
+        # autocast region: without clearing, this pass would reuse θ's casts, not θ̃'s, and
+        # the penalty would be exactly zero.
+        torch.clear_autocast_cache()
         try:
             for n, p in self.params.items():
                 p.copy_(self.average[n])
@@ -131,6 +135,7 @@ class BregmanProximal:
         finally:
             for n, p in self.params.items():
                 p.copy_(current[n])
+            torch.clear_autocast_cache()
 
     def penalty(self, kind: str, output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         return self.mu * output_divergence(kind, output, reference)

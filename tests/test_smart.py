@@ -125,3 +125,22 @@ def test_pcgrad_removes_conflicts_and_keeps_agreement():
 def test_simcse_loss_prefers_matching_pairs():
     z = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
     assert simcse_loss(z, z, 0.05) < simcse_loss(z, z.roll(1, 0), 0.05)
+
+
+def test_bregman_penalty_is_live_under_bf16_autocast(tiny_model_factory, tiny_backbone):
+    """Autocast caches casts of trainable weights; the reference pass must not reuse θ's casts."""
+    model = noisy_model(tiny_model_factory)
+    cfg = TrainConfig(tasks=["sst"])
+    cfg.smart = SmartSettings(bregman_mu=1.0, bregman_beta=0.5)
+    breg = BregmanProximal(model, mu=1.0, beta=0.5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                breg.average[n].add_(0.5)  # θ̃ now differs from θ
+    model.train()  # trainable adapters are the tensors autocast caches
+    b = batch(tiny_backbone)
+    torch.manual_seed(0)
+    plain = task_loss(model, b, StepContext(TrainConfig(tasks=["sst"]), "bf16", None)).item()
+    torch.manual_seed(0)
+    with_penalty = task_loss(model, b, StepContext(cfg, "bf16", breg)).item()
+    assert with_penalty > plain + 1e-4
