@@ -293,7 +293,7 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
         f"ensemble_{members}_batched": {"sentences_per_second": round(n / bat_s, 1),
                                         "speedup_vs_sequential": round(seq_s / bat_s, 2)},
     }
-    param_mb = sum(p.numel() * p.element_size() for p in base.model.encoder.parameters() if True) / 2 ** 20
+    param_mb = sum(p.numel() * p.element_size() for p in base.model.encoder.parameters()) / 2 ** 20
     adapters = {
         "swap_ms_median": round(statistics.median(swaps) * 1e3, 4),
         "swap_ms_p99": round(float(np.percentile(swaps, 99)) * 1e3, 4),
@@ -315,7 +315,6 @@ def _merged_copy(path: Path, folder: Path):
     from peft import PeftModel
 
     from .backbone import load_encoder
-    from .inference import load_base
 
     encoder = PeftModel.from_pretrained(load_encoder(path), str(folder)).merge_and_unload()
     from .model import MultiTaskModel

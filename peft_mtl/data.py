@@ -199,19 +199,22 @@ class EncodedSplit:
 
 
 def _tokenize(tokenizer, first: Sequence[str], second: Sequence[str] | None, max_length: int) -> tuple[list[dict], int]:
-    enc = tokenizer(list(first), list(second) if second is not None else None, truncation=True,
-                    max_length=max_length, return_overflowing_tokens=False, return_length=False)
-    # A fast tokenizer hides whether it truncated, so count inputs that reached the limit
-    # and would have been longer.
-    full = tokenizer(list(first), list(second) if second is not None else None, truncation=False,
-                     return_attention_mask=False, return_token_type_ids=False, verbose=False)
-    truncated = sum(1 for ids in full["input_ids"] if len(ids) > max_length)
-    out = []
-    for i in range(len(first)):
-        item = {"input_ids": enc["input_ids"][i]}
-        item["token_type_ids"] = enc["token_type_ids"][i] if "token_type_ids" in enc else [0] * len(item["input_ids"])
-        out.append(item)
-    return out, truncated
+    # Tokenise untruncated once (a fast tokenizer would hide whether it truncated), then
+    # re-tokenise only the few inputs that are too long, with the tokenizer's own strategy.
+    enc = tokenizer(list(first), list(second) if second is not None else None, truncation=False,
+                    return_attention_mask=False, verbose=False)
+    too_long = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > max_length]
+    out = [{"input_ids": enc["input_ids"][i],
+            "token_type_ids": enc["token_type_ids"][i] if "token_type_ids" in enc else [0] * len(enc["input_ids"][i])}
+           for i in range(len(first))]
+    if too_long:
+        cut = tokenizer([first[i] for i in too_long], [second[i] for i in too_long] if second is not None else None,
+                        truncation=True, max_length=max_length, return_attention_mask=False)
+        for j, i in enumerate(too_long):
+            ids = cut["input_ids"][j]
+            out[i] = {"input_ids": ids,
+                      "token_type_ids": cut["token_type_ids"][j] if "token_type_ids" in cut else [0] * len(ids)}
+    return out, len(too_long)
 
 
 def encode_split(split: LoadedSplit, tokenizer, max_length: int = 128, pair_encoding: str = "cross") -> EncodedSplit:
@@ -264,7 +267,7 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, generator: np.r
     return batches
 
 
-def _pad(seqs: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_sequences(seqs: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(s["input_ids"]) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     types = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -291,7 +294,7 @@ class Batch:
 
 
 def collate(split: EncodedSplit, indices: np.ndarray, pad_id: int = 0) -> Batch:
-    inputs = [_pad([seg[i] for i in indices], pad_id) for seg in split.segments]
+    inputs = [pad_sequences([seg[i] for i in indices], pad_id) for seg in split.segments]
     labels = torch.as_tensor(split.labels[indices])
     if split.task.kind == "classification":
         labels = labels.long()

@@ -163,7 +163,7 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
     ``requests`` is a list of (task, input). Single-sentence and cross-encoded pair
     requests share one padded batch; each row is routed to its task's adapter.
     """
-    from .data import _pad, encode_texts
+    from .data import encode_texts, pad_sequences
     from .inference import format_predictions
 
     name = adapters or base.active
@@ -179,7 +179,7 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
         tasks.append(t)
     base.model.encoder.base_model.set_adapter(list(dict.fromkeys(names)), inference_mode=True)
     base.model.reset_routing()
-    inputs = _pad(rows, base.pad_id)
+    inputs = pad_sequences(rows, base.pad_id)
     results: list[dict | None] = [None] * len(requests)
     with torch.inference_mode(), autocast(base.precision):
         hidden = base.model.encoder(**inputs, adapter_names=names).last_hidden_state

@@ -54,7 +54,7 @@ def probabilities(outputs: np.ndarray) -> np.ndarray:
 
 def score(split: EncodedSplit, predictions: np.ndarray) -> dict[str, float]:
     metric = split.task.metric
-    return {metric: METRICS[metric](predictions, split.labels.astype(predictions.dtype) if split.task.kind == "classification" else split.labels)}
+    return {metric: METRICS[metric](predictions, split.labels)}
 
 
 def evaluate(model, splits: dict[str, EncodedSplit], batch_size: int = 128, precision: str = "fp32",

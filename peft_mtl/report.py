@@ -169,8 +169,6 @@ def plot(rows: list[Row], path: Path) -> None:
     markers = {"lora": "o", "heads": "s", "full": "D", "ensemble": "*"}
     for ax, (key, label, get) in zip(axes.flat, panels):
         pts = [(r, get(r)) for r in rows if get(r) is not None]
-        if key != "overall":
-            pts = [(r, v) for r, v in pts if r.overall is None or True]
         for mode, marker in markers.items():
             sel = [(r, v) for r, v in pts if r.mode == mode]
             if sel:

@@ -27,7 +27,7 @@ from .backbone import (backbone_identity, count_parameters, freeze, load_encoder
 from .config import TrainConfig
 from .distributed import Dist, setup as setup_distributed
 from .data import (DataError, EncodedSplit, LoadedSplit, default_data_dir, encode_split, length_grouped_batches,
-                   collate, load_split, task_file)
+                   collate, load_split, pad_sequences, task_file)
 from .evaluate import evaluate
 from .heads import make_head
 from .losses import get_loss
@@ -308,9 +308,7 @@ def run_simcse(model: MultiTaskModel, cfg: TrainConfig, train: dict[str, Encoded
         batches = length_grouped_batches(lengths, cfg.batch_size, np.random.default_rng([cfg.seed, 0x51C, epoch]))
         for idx in tqdm(batches, desc=f"simcse {epoch + 1}/{cfg.simcse_epochs}", disable=not progress,
                         file=sys.stderr, mininterval=2.0):
-            from .data import _pad
-
-            inputs = _pad([sentences[i] for i in idx], pad_id)
+            inputs = pad_sequences([sentences[i] for i in idx], pad_id)
             optimizer.zero_grad(set_to_none=True)
             with autocast(precision):
                 loss = simcse_step_loss(model, inputs, cfg.simcse_temperature)
