@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from .kernels import use_fused_lora
+
 SHARED_ADAPTER = "shared"
 
 # Regexes (peft full-matches a string target) so the pooler's `dense` is never adapted:
@@ -84,6 +86,7 @@ def add_adapters(encoder: nn.Module, names: list[str], settings: LoraSettings) -
         peft_model.add_adapter(name, settings.to_peft())
     # Make every adapter trainable once, before any optimizer is built.
     peft_model.base_model.set_adapter(list(names))
+    use_fused_lora(peft_model)
     return peft_model
 
 

@@ -96,17 +96,21 @@ def load_tokenizer(path: Path):
         raise BackboneError(f"{path}: cannot load a tokenizer ({type(err).__name__}: {err})") from None
 
 
-def load_encoder(path: Path, attn_implementation: str = "eager") -> nn.Module:
+def load_encoder(path: Path, attn_implementation: str | None = None) -> nn.Module:
     """The bare encoder (e.g. ``BertModel``) with weights in fp32, in eval mode.
 
-    Eager attention is the default because on CPU, PyTorch's fused SDPA kernel (chosen
-    when attention dropout is off) has a backward pass several times slower than plain
-    matmul + softmax at these sequence lengths (measured: reports/speed.md).
+    Attention defaults to eager-style matmul + softmax (kernels.attention_forward) because
+    on CPU, PyTorch's fused SDPA kernel (chosen when attention dropout is off) has a
+    backward pass several times slower at these sequence lengths (reports/speed.md); its
+    dropouts draw a quarter of the random numbers torch's do (kernels.fast_dropout).
     """
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
+    from .kernels import register_attention, use_fast_dropout
+
     hf_logging.disable_progress_bar()
+    attn_implementation = attn_implementation or register_attention()
     try:
         model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
                                           attn_implementation=attn_implementation)
@@ -115,6 +119,7 @@ def load_encoder(path: Path, attn_implementation: str = "eager") -> nn.Module:
     if not hasattr(model, "embeddings"):
         raise BackboneError(f"{path}: {type(model).__name__} has no .embeddings module; "
                             f"peft_mtl supports BERT-family encoders only")
+    use_fast_dropout(model)
     model.eval()
     return model
 
@@ -158,17 +163,25 @@ def backbone_identity(name: str, encoder: nn.Module) -> BackboneIdentity:
 QUANTIZATIONS = ("int8", "nf4")
 
 
-def load_quantized_encoder(path: Path, quantize: str) -> nn.Module:
+def load_quantized_encoder(path: Path, quantize: str, for_training: bool = True) -> nn.Module:
     """The encoder with its linear layers quantized by bitsandbytes (LoRA trains on top, QLoRA-style).
 
     On this CPU both settings train, but slowly: bitsandbytes' CPU kernels dequantize on
     every matmul (reports/quantization.md). Embeddings and LayerNorms stay in fp32.
+
+    ``for_training``: bitsandbytes repacks nf4 weights for its AVX512-BF16 inference kernel
+    the first time a layer runs without gradients, and never packs them back; a training
+    step after that (e.g. after the first dev evaluation) fails in backward with "a view of
+    a leaf Variable that requires grad is being used in an in-place operation". Training
+    encoders therefore keep the unpacked layout throughout.
     """
     if quantize not in QUANTIZATIONS:
         raise BackboneError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
     try:
         import bitsandbytes  # noqa: F401
         from transformers import AutoModel, BitsAndBytesConfig
+
+        from .kernels import register_attention, use_fast_dropout
     except ImportError:
         raise BackboneError("--quantize needs bitsandbytes: pip install 'bitsandbytes>=0.45' "
                             "(its CPU backend is enough)") from None
@@ -180,10 +193,15 @@ def load_quantized_encoder(path: Path, quantize: str) -> nn.Module:
     try:
         model = AutoModel.from_pretrained(str(path), local_files_only=True, quantization_config=qconfig,
                                           device_map="cuda" if torch.cuda.is_available() else "cpu",
-                                          attn_implementation="eager")
+                                          attn_implementation=register_attention())
     except Exception as err:
         raise BackboneError(f"{path}: bitsandbytes could not quantize this model to {quantize} on this machine "
                             f"({type(err).__name__}: {err}). Train without --quantize.") from None
+    if for_training:
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    use_fast_dropout(model)
     model.eval()
     return model
 

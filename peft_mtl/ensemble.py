@@ -10,10 +10,8 @@ Combining (per task):
 * regression — ``mean`` (weighted) or ``median`` of member scores.
 
 Members can run one after another (k forward passes) or, with ``batched=True``, in one
-forward pass: the batch is repeated once per member and peft's per-sample
-``adapter_names`` routes each copy through its member's adapter. A member whose task
-uses two adapters (shared + task) gets them concatenated into one exact equivalent LoRA
-(``add_weighted_adapter(..., combination_type="cat")``: rank r₁ + r₂, same ΔW).
+forward pass: the batch is repeated once per member and every LoRA layer applies each
+member's delta to its own block of rows with two batched matmuls (see ``stacked.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from .evaluate import predictions_from_outputs, probabilities
 from .heads import pool
 from .inference import SEP, BaseModel
 from .runtime import autocast
+from .stacked import stack_members, stacked_lora
 from .tasks import get_task
 
 CLASSIFICATION_METHODS = ("mean", "vote")
@@ -105,36 +104,25 @@ def routed_adapter(base: BaseModel, member: str, task: str) -> str:
 
 def _batched_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str], batch_size: int,
                      progress: bool) -> list[np.ndarray]:
-    # Combined adapters are built outside inference mode: peft fills them in place, and
-    # under inference_mode that copy is not reliably visible to the first forward pass.
-    adapters = [routed_adapter(base, m, task) for m in members]
-    base.model.eval()
-    with torch.inference_mode():
-        return _batched_forward(base, task, encoded, members, adapters, batch_size, progress)
-
-
-def _batched_forward(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str], adapters: list[str],
-                     batch_size: int, progress: bool) -> list[np.ndarray]:
     spec = get_task(task)
-    heads = [base.model.heads[f"{m}{SEP}{task}"] for m in members]
-    poolings = [base.model.head_pooling.get(f"{m}{SEP}{task}", "mean") for m in members]
-    encoder = base.model.encoder
-    # Every adapter must be "active" in peft's sense to be routable per sample.
-    encoder.base_model.set_adapter(list(dict.fromkeys(adapters)), inference_mode=True)
-    base.model.reset_routing()
+    keys = [f"{m}{SEP}{task}" for m in members]
+    heads = [base.model.heads[key] for key in keys]
+    poolings = [base.model.head_pooling.get(key, "mean") for key in keys]
+    stacks = member_stacks(base, task, members)
     k = len(members)
     per_member: list[list[np.ndarray]] = [[] for _ in members]
     order = []
+    # Rows per forward pass stay at batch_size: k copies of batch_size // k inputs.
     member_batch = max(1, batch_size // k)
+    base.model.eval()
     bar = tqdm(total=len(encoded), desc=f"ensemble {task}", disable=not progress, file=sys.stderr, leave=False)
-    with autocast(base.precision):
+    with torch.inference_mode(), autocast(base.precision), stacked_lora(stacks):
         for batch in iterate_batches(encoded, member_batch, None, base.pad_id):
             n = len(batch)
             pooled_segments = []
             for seg in batch.inputs:
                 stacked = {key: v.repeat(k, 1) for key, v in seg.items()}
-                names = [a for a in adapters for _ in range(n)]
-                hidden = encoder(**stacked, adapter_names=names).last_hidden_state
+                hidden = base.model.encoder(**stacked).last_hidden_state
                 pooled_segments.append((hidden, stacked["attention_mask"]))
             for m in range(k):
                 rows = slice(m * n, (m + 1) * n)
@@ -156,6 +144,16 @@ def _batched_forward(base: BaseModel, task: str, encoded: EncodedSplit, members:
     return results
 
 
+def member_stacks(base: BaseModel, task: str, members: list[str]) -> dict:
+    """The members' LoRA factors for ``task``, stacked once per (members, task) and cached."""
+    key = (tuple(members), task)
+    if key not in base.stack_cache:
+        dtype = torch.bfloat16 if base.precision == "bf16" else torch.float32
+        routes = [base.model.routing[f"{m}{SEP}{task}"] for m in members]
+        base.stack_cache[key] = stack_members(base.model.encoder, routes, dtype)
+    return base.stack_cache[key]
+
+
 def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters: str | None = None,
                   ) -> list[dict]:
     """Serve requests for different tasks in one forward pass per encoded segment layout.
@@ -175,7 +173,7 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
     for t, x in requests:
         enc = encode_texts(get_task(t), [x], base.tokenizer, aset.max_length, aset.pair_encoding)
         rows.append(enc.segments[0][0])
-        names.append(routed_adapter(base, name, t))  # outside inference mode, see _batched_outputs
+        names.append(routed_adapter(base, name, t))  # outside inference mode: peft fills it in place
         tasks.append(t)
     base.model.encoder.base_model.set_adapter(list(dict.fromkeys(names)), inference_mode=True)
     base.model.reset_routing()

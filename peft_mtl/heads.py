@@ -17,12 +17,16 @@ POOLINGS = ("mean", "cls")
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """``[CLS]`` vector, or the mean of the non-padding token vectors."""
+    """``[CLS]`` vector, or the mean of the non-padding token vectors, in fp32.
+
+    The encoder may run in bf16 (about 3 significant digits); pooling and the heads do
+    not, so STS scores and class probabilities are not rounded to bf16's grid.
+    """
     if pooling == "cls":
-        return hidden[:, 0]
+        return hidden[:, 0].float()
     if pooling == "mean":
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        return (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
     raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
 
 
@@ -40,6 +44,10 @@ class TaskHead(nn.Module):
         self.linear = None if cosine else nn.Linear(in_features, outputs)
 
     def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            return self._forward([p.float() for p in pooled])
+
+    def _forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         if self.pair_encoding == "bi":
             u, v = pooled
             if self.cosine:

@@ -25,6 +25,7 @@ from .backbone import (BackboneIdentity, backbone_identity, freeze, load_encoder
                        resolve_backbone)
 from .data import EncodedSplit, encode_texts
 from .evaluate import predictions_from_outputs, probabilities, raw_outputs
+from .kernels import use_fused_lora
 from .model import MultiTaskModel
 from .runs import (AdapterError, build_head, check_adapter_files, check_backbone, load_head_weights,
                    read_manifest)
@@ -67,6 +68,7 @@ class BaseModel:
         self.model.eval()
         self.sets: dict[str, AdapterSet] = {}
         self.active: str | None = None
+        self.stack_cache: dict = {}  # (members, task) -> stacked LoRA factors for batched ensembles
 
     # -- loading ------------------------------------------------------------------
 
@@ -89,6 +91,7 @@ class BaseModel:
             self.sets[name] = self._load_adapters(folder, name, manifest, tasks)
         if self.active is None:
             self.active = name
+        self.stack_cache.clear()
         return name
 
     def _load_adapters(self, folder: Path, name: str, manifest: dict, tasks: list[str]) -> AdapterSet:
@@ -110,6 +113,7 @@ class BaseModel:
                 raise AdapterError(f"{path}: peft could not load this adapter ({type(err).__name__}: {err}). "
                                    f"Was it trained on this backbone?") from None
             loaded.append(full_name)
+        use_fused_lora(self.model.encoder)
         self.model.reset_routing()
         hidden = self.identity.hidden_size
         for task in tasks:
@@ -151,6 +155,7 @@ class BaseModel:
             self.model.routing.pop(key, None)
             self.model.head_tasks.pop(key, None)
         self.model.reset_routing()
+        self.stack_cache.clear()
         del self.sets[name]
         if self.active == name:
             self.active = next(iter(self.sets), None)

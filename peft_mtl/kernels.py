@@ -1,0 +1,206 @@
+"""Cheaper CPU building blocks for the frozen backbone: dropout and attention.
+
+Dropout: ``torch.nn.functional.dropout`` draws one 32-bit random number per element
+(``bernoulli_``), which on this CPU cost 13% of a LoRA training step (reports/speed.md).
+:func:`fast_dropout` draws 64-bit words and uses each as four 16-bit uniforms, so it makes
+a quarter of the random draws; the keep probability is quantised to 1/65536 (0.1 becomes
+0.100006). Masks come from torch's global generator, so seeding and SMART's replay of a
+step's dropout masks work as before.
+
+Attention: :func:`attention_forward` is transformers' eager attention (matmul, softmax,
+matmul — faster on CPU than SDPA at these lengths, see backbone.load_encoder) with
+:func:`fast_dropout` on the attention probabilities. It is registered with transformers'
+``AttentionInterface`` as ``"peft_mtl"``.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+
+import torch
+from torch import nn
+
+ATTENTION_NAME = "peft_mtl"
+_INT16_SPAN = 65536
+
+
+def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """Boolean mask with P(True) = 1 − p (to 1/65536), from a quarter of the usual random draws."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)
+    uniforms = words.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
+    return uniforms >= round(p * _INT16_SPAN) - _INT16_SPAN // 2
+
+
+class _FastDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        mask = keep_mask(x.shape, p)
+        ctx.save_for_backward(mask)  # one byte per element
+        ctx.scale = 1.0 / (1.0 - p)
+        return x.mul(mask).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad.mul(mask).mul_(ctx.scale), None
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout, like ``F.dropout``, with masks from :func:`keep_mask`."""
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    return _FastDropout.apply(x, p)
+
+
+class FastDropout(nn.Dropout):
+    """Drop-in ``nn.Dropout`` that uses :func:`fast_dropout`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_dropout(x, self.p, self.training)
+
+
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention with :func:`fast_dropout` on the attention probabilities."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.softmax(weights, dim=-1)
+    weights = fast_dropout(weights, dropout, module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+def register_attention() -> str:
+    """Make ``attn_implementation="peft_mtl"`` available to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(ATTENTION_NAME, attention_forward)
+    # The eager additive mask is what this attention function expects.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    return ATTENTION_NAME
+
+
+def use_fast_dropout(encoder: nn.Module) -> int:
+    """Swap every ``nn.Dropout`` in ``encoder`` for :class:`FastDropout` (same p); returns how many."""
+    swapped = 0
+    for module in list(encoder.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(module, name, FastDropout(child.p, child.inplace))
+                swapped += 1
+    return swapped
+
+
+# -- LoRA linear layers under bf16 autocast ------------------------------------------------
+
+def _autocast_bf16() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def _frozen_bf16(layer: nn.Module, name: str) -> torch.Tensor | None:
+    """A bf16 copy of the frozen base weight or bias, made once (re-made if the tensor changes)."""
+    tensor = getattr(layer.base_layer, name)
+    if tensor is None:
+        return None
+    cache = layer.__dict__.setdefault("_peft_mtl_bf16", {})
+    key = (tensor.data_ptr(), tensor._version)
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = (key, tensor.detach().to(torch.bfloat16))
+        cache[name] = hit
+    return hit[1]
+
+
+def _fusable(layer: nn.Module, kwargs: dict) -> bool:
+    if kwargs or layer.disable_adapters or layer.merged or not _autocast_bf16():
+        return False
+    base = layer.base_layer
+    if type(base) is not nn.Linear or base.weight.requires_grad:
+        return False  # full fine-tuning or a quantized layer: peft's own path
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            if name in layer.lora_variant or not isinstance(layer.lora_dropout[name], nn.Identity):
+                return False  # DoRA and LoRA dropout need peft's per-adapter path
+    return True
+
+
+def fused_lora_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A peft LoRA ``Linear`` forward with the active adapters fused, under bf16 autocast.
+
+    peft computes ``base(x) + Σ_i s_i B_i A_i x`` adapter by adapter, casting ``x`` to fp32
+    for each and back, while autocast re-casts the frozen fp32 weight on every call. Here
+    ``x`` is cast once, the frozen weight is cast once per run and kept, and the active
+    adapters (shared + task) are concatenated along the rank — ``[B_1 s_1, B_2 s_2]
+    [A_1; A_2] = Σ_i s_i B_i A_i`` — so their delta is one pair of matmuls. Anything this
+    does not cover (no autocast, DoRA, LoRA dropout, per-sample ``adapter_names``, merged or
+    trainable base weights) runs peft's own forward.
+    """
+    if args or not _fusable(layer, kwargs):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    x16 = _bf16_input(x)
+    result = torch.nn.functional.linear(x16, _frozen_bf16(layer, "weight"), _frozen_bf16(layer, "bias"))
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if not active:
+        return result
+    if len(active) == 1:
+        name = active[0]
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight * layer.scaling[name]
+    else:
+        a = torch.cat([layer.lora_A[n].weight for n in active], dim=0)
+        b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in active], dim=1)
+    rows = x16.reshape(-1, x16.shape[-1])
+    # result + (x A^T) B^T as one addmm: the delta is never materialised on its own.
+    fused = torch.addmm(result.reshape(-1, result.shape[-1]), rows @ a.to(torch.bfloat16).t(),
+                        b.to(torch.bfloat16).t())
+    return fused.view(result.shape)
+
+
+_last_cast: dict = {}
+
+
+def _bf16_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in bf16, reusing the previous cast when the same tensor feeds several layers.
+
+    BERT's query, key and value projections read the same fp32 LayerNorm output; casting
+    it once instead of three times (and keeping one cast node in the autograd graph)
+    removes a third of the casts of a step.
+    """
+    if x.dtype == torch.bfloat16:
+        return x
+    ref = _last_cast.get("source")
+    # Inference tensors have no version counter; the cache is also emptied before every
+    # encoder forward (use_fused_lora), so a hit is always within one pass.
+    version = None if x.is_inference() else x._version
+    key = (version, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    if ref is not None and ref() is x and _last_cast.get("key") == key:
+        return _last_cast["cast"]
+    cast = x.to(torch.bfloat16)
+    _last_cast.update(source=weakref.ref(x), key=key, cast=cast)
+    return cast
+
+
+def use_fused_lora(encoder: nn.Module) -> int:
+    """Route every peft LoRA ``Linear`` in ``encoder`` through :func:`fused_lora_forward`; returns how many."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if not getattr(encoder, "_peft_mtl_cast_hook", False):
+        encoder.register_forward_pre_hook(lambda module, args: _last_cast.clear())
+        encoder._peft_mtl_cast_hook = True
+    count = 0
+    for module in encoder.modules():
+        if type(module) is LoraLinear and "forward" not in module.__dict__:
+            # A bound method (not a closure) so that deep copies call their own layer.
+            module.forward = types.MethodType(fused_lora_forward, module)
+            count += 1
+    return count

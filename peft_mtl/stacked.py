@@ -1,0 +1,106 @@
+"""Run k LoRA adapter combinations over k copies of a batch in one forward pass.
+
+peft can route rows of one batch to different adapters (``adapter_names=[...]``), but it
+does so by looping over the adapters inside every LoRA layer, gathering each one's rows,
+running its two small matmuls and scattering the result back. On a CPU that costs more
+than it saves (measured: 0.78× the speed of one pass per member).
+
+Here each member's LoRA weights for a layer are stacked once into ``A: (k, d_in, R)`` and
+``B: (k, R, d_out)`` — a member with several active adapters (shared + task) gets them
+concatenated along the rank, which is exactly the sum of their deltas; the LoRA scaling is
+folded into ``B``; members with a smaller rank, or without an adapter on that layer, are
+zero-padded. The batch holds the k copies as k contiguous blocks, so the delta of every
+member is two batched matmuls over a ``(k, rows, d_in)`` view: no gathers, no loops.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StackedLayer:
+    """The stacked LoRA factors of one adapted linear layer."""
+
+    A: torch.Tensor  # (k, d_in, R)
+    B: torch.Tensor  # (k, R, d_out), LoRA scaling folded in
+
+
+def _lora_linears(encoder: nn.Module) -> list[nn.Module]:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return [m for m in encoder.modules() if isinstance(m, LoraLinear)]
+
+
+def stack_members(encoder: nn.Module, members: list[list[str]], dtype: torch.dtype = torch.float32,
+                  ) -> dict[nn.Module, StackedLayer | None]:
+    """Stack the LoRA factors of every member (a list of adapter names whose deltas add).
+
+    Every LoRA layer of the encoder gets an entry; ``None`` where no member adapts it.
+    """
+    stacked: dict[nn.Module, StackedLayer | None] = {}
+    for layer in _lora_linears(encoder):
+        if getattr(layer, "merged", False):
+            raise ValueError("stacked LoRA needs unmerged adapters")
+        factors = []
+        for names in members:
+            present = [n for n in names if n in layer.lora_A]
+            for n in present:
+                if n in getattr(layer, "lora_variant", {}):
+                    raise ValueError(f"adapter {n!r} is a LoRA variant (e.g. DoRA) that cannot be stacked")
+            if present:
+                a = torch.cat([layer.lora_A[n].weight for n in present], dim=0)  # (r, d_in)
+                b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in present], dim=1)  # (d_out, r)
+            else:
+                a = b = None
+            factors.append((a, b))
+        if all(a is None for a, _ in factors):
+            stacked[layer] = None
+            continue
+        rank = max(a.shape[0] for a, _ in factors if a is not None)
+        d_in, d_out = layer.in_features, layer.out_features
+        A = torch.zeros(len(members), d_in, rank, dtype=dtype)
+        B = torch.zeros(len(members), rank, d_out, dtype=dtype)
+        for m, (a, b) in enumerate(factors):
+            if a is not None:
+                A[m, :, :a.shape[0]] = a.detach().t()
+                B[m, :a.shape[0], :] = b.detach().t()
+        stacked[layer] = StackedLayer(A, B)
+    return stacked
+
+
+def _stacked_forward(layer: nn.Module, factors: StackedLayer | None, x: torch.Tensor, *args, **kwargs
+                     ) -> torch.Tensor:
+    result = layer.base_layer(x, *args, **kwargs)
+    if factors is None:
+        return result
+    k = factors.A.shape[0]
+    rows = x.reshape(k, -1, x.shape[-1]).to(factors.A.dtype)
+    delta = torch.bmm(torch.bmm(rows, factors.A), factors.B)
+    return result + delta.reshape(*result.shape).to(result.dtype)
+
+
+@contextmanager
+def stacked_lora(stacked: dict[nn.Module, StackedLayer | None]) -> Iterator[None]:
+    """Within the block, every LoRA layer applies member m's delta to the m-th of k equal row blocks.
+
+    The batch dimension of every input must be k × n with member m's copy in rows
+    ``m*n:(m+1)*n``. Whatever adapters peft has active are ignored inside the block.
+    """
+    patched = []
+    try:
+        for layer, factors in stacked.items():
+            patched.append((layer, layer.__dict__.get("forward")))
+            layer.forward = lambda x, *a, _l=layer, _f=factors, **kw: _stacked_forward(_l, _f, x, *a, **kw)
+        yield
+    finally:
+        for layer, previous in patched:
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
