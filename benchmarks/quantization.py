@@ -33,7 +33,12 @@ def main() -> None:
     p.add_argument("--settings", default="fp32,bf16,int8,nf4")
     p.add_argument("--keep", default=None, help="save each trained set under KEEP/sst_SETTING")
     p.add_argument("--json", default=None)
+    p.add_argument("--eval-only", action="store_true",
+                   help="do not train: score the sets already under --keep on the full dev split and "
+                        "add the scores to --json")
     args = p.parse_args()
+    if args.eval_only:
+        return eval_only(args)
 
     from peft_mtl.backbone import load_encoder, load_quantized_encoder, resolve_backbone
     from peft_mtl.config import TrainConfig

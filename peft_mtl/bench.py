@@ -144,6 +144,9 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
     smart_cfg = TrainConfig(tasks=["sst"])
     smart_cfg.smart.weight = 1.0
     training["lora_smart"] = train_rate(smart_cfg, "LoRA + SMART")
+    smart_t0_cfg = TrainConfig(tasks=["sst"])
+    smart_t0_cfg.smart.weight, smart_t0_cfg.smart.steps = 1.0, 0
+    training["lora_smart_t0"] = train_rate(smart_t0_cfg, "LoRA + SMART without ascent (T=0)")
     shared_cfg = TrainConfig(tasks=["sst"], shared_adapter=True)
     training["shared_plus_task"] = train_rate(shared_cfg, "shared + task adapters")
     if not quick:
@@ -168,6 +171,8 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
         "inference_vs_plain": round(result["inference"]["one_adapter"]["sentences_per_second"]
                                     / plain["inference_sentences_per_second"], 2),
         "smart_step_vs_lora_step": round(training["lora_smart"]["seconds_per_step"] / lora["seconds_per_step"], 2),
+        "smart_t0_step_vs_lora_step": round(training["lora_smart_t0"]["seconds_per_step"] / lora["seconds_per_step"],
+                                            2),
         "lora_step_gflops_vs_bf16_peak": round(lora["achieved_gflops"] / bf16_peak, 3),
     }
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -227,6 +232,7 @@ def _plain_hf(path: Path, tokenizer, train_split, dev_split, steps: int, repeats
 def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members: int, repeats: int, quick: bool):
     from .backbone import load_encoder
     from .config import TrainConfig
+    from .data import EncodedSplit
     from .ensemble import member_outputs
     from .inference import load_base
     from .runs import save_run
@@ -268,16 +274,15 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
         base.outputs("sst", dev_enc, "s0", batch_size=128)
 
     one_s = median_time(one, repeats, 1)
-    # Same number of rows per forward pass either way: batch_size inputs per sequential pass,
-    # k copies of batch_size // k inputs per batched pass. 128 is the eval batch; 16 is an
-    # online-serving batch, where per-pass overheads weigh more.
-    ensemble_rates = {}
-    for batch_size in (128, 16):
-        seq_s = median_time(lambda: member_outputs(base, "sst", dev_enc, names, batched=False, batch_size=batch_size),
-                            max(1, repeats // 2), 1)
-        bat_s = median_time(lambda: member_outputs(base, "sst", dev_enc, names, batched=True, batch_size=batch_size),
-                            max(1, repeats // 2), 1)
-        ensemble_rates[batch_size] = (seq_s, bat_s)
+    # Whole dev split (batch 128 inputs per pass either way) and single online requests.
+    seq_s = median_time(lambda: member_outputs(base, "sst", dev_enc, names, batched=False), max(1, repeats // 2), 1)
+    bat_s = median_time(lambda: member_outputs(base, "sst", dev_enc, names, batched=True), max(1, repeats // 2), 1)
+    latency = {}
+    for n_inputs in (1, 4):
+        request = EncodedSplit(dev_enc.task, [seg[:n_inputs] for seg in dev_enc.segments], dev_enc.labels[:n_inputs], 0)
+        latency[n_inputs] = {
+            mode: median_time(lambda b=b: member_outputs(base, "sst", request, names, batched=b), 20, 2) * 1e3
+            for mode, b in (("sequential", False), ("batched", True))}
 
     swaps = []
     for i in range(200):
@@ -297,12 +302,14 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
     inference = {
         "one_adapter": {"sentences_per_second": round(n / one_s, 1)},
         "merged_adapter": {"sentences_per_second": round(n / merged_s, 1)},
+        f"ensemble_{members}_sequential": {"sentences_per_second": round(n / seq_s, 1)},
+        f"ensemble_{members}_batched": {"sentences_per_second": round(n / bat_s, 1),
+                                        "speedup_vs_sequential": round(seq_s / bat_s, 2)},
     }
-    for batch_size, (seq_s, bat_s) in ensemble_rates.items():
-        suffix = "" if batch_size == 128 else f"_batch{batch_size}"
-        inference[f"ensemble_{members}_sequential{suffix}"] = {"sentences_per_second": round(n / seq_s, 1)}
-        inference[f"ensemble_{members}_batched{suffix}"] = {"sentences_per_second": round(n / bat_s, 1),
-                                                            "speedup_vs_sequential": round(seq_s / bat_s, 2)}
+    for n_inputs, ms in latency.items():
+        inference[f"ensemble_{members}_request_of_{n_inputs}_ms"] = {
+            "sequential_ms": round(ms["sequential"], 2), "batched_ms": round(ms["batched"], 2),
+            "speedup_vs_sequential": round(ms["sequential"] / ms["batched"], 2)}
     param_mb = sum(p.numel() * p.element_size() for p in base.model.encoder.parameters()) / 2 ** 20
     adapters = {
         "swap_ms_median": round(statistics.median(swaps) * 1e3, 4),
@@ -403,7 +410,10 @@ def markdown(result: dict, command: str) -> str:
         "| measure | value | target |", "|---|---:|---:|",
         f"| LoRA training examples/s vs plain pipeline | {r['train_lora_vs_plain']}× | ≥ 4× |",
         f"| inference sentences/s vs plain pipeline | {r['inference_vs_plain']}× | ≥ 5× |",
-        f"| SMART step time / plain LoRA step time | {r['smart_step_vs_lora_step']}× | ≤ 2× |",
+        f"| SMART step time / plain LoRA step time (T=1 ascent step, the seeds' setting) | "
+        f"{r['smart_step_vs_lora_step']}× | ≤ 2× |",
+        f"| SMART step time / plain LoRA step time (T=0, random perturbation only) | "
+        f"{r.get('smart_t0_step_vs_lora_step', '—')}× | ≤ 2× |",
         f"| LoRA training step GFLOP/s / bf16 GEMM peak | {100 * r['lora_step_gflops_vs_bf16_peak']:.1f}% | ≥ 40% |",
         "", "## Training", "", "| pipeline | examples/s | s/step | GFLOP/step | achieved GFLOP/s |", "|---|---:|---:|---:|---:|",
         f"| plain HF + PEFT LoRA (fp32) | {plain['train_examples_per_second']} | {plain['seconds_per_step']} | — | "
@@ -418,7 +428,14 @@ def markdown(result: dict, command: str) -> str:
               f"| plain HF + PEFT (fp32, eval batch 8) | {plain['inference_sentences_per_second']} |"]
     for k, v in inf.items():
         extra = f" ({v['speedup_vs_sequential']}× sequential)" if "speedup_vs_sequential" in v else ""
-        lines.append(f"| peft_mtl {k} | {v['sentences_per_second']}{extra} |")
+        if "sentences_per_second" in v:
+            lines.append(f"| peft_mtl {k} | {v['sentences_per_second']}{extra} |")
+    requests = {k: v for k, v in inf.items() if "batched_ms" in v}
+    if requests:
+        lines += ["", "Ensemble latency of one online request (median of 20):", "",
+                  "| request | k sequential passes | one batched pass | speedup |", "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v['sequential_ms']} ms | {v['batched_ms']} ms | {v['speedup_vs_sequential']}× |"
+                  for k, v in requests.items()]
     lines += ["", "## Adapters: swap, load, memory", "", "| measure | value |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in ad.items()]
     if "bert_base_sized" in result:

@@ -74,7 +74,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smart-epsilon", type=float, default=d.smart.epsilon)
     g.add_argument("--smart-sigma", type=float, default=d.smart.sigma)
     g.add_argument("--smart-step-size", type=float, default=d.smart.step_size)
-    g.add_argument("--smart-steps", type=int, default=d.smart.steps)
+    g.add_argument("--smart-steps", type=int, default=d.smart.steps,
+                   help="ascent steps T (0: random perturbation only, one pass cheaper)")
     g.add_argument("--smart-norm", choices=["inf", "l2"], default=d.smart.norm)
     g.add_argument("--bregman-mu", type=float, default=d.smart.bregman_mu, help="Bregman proximal weight mu (0: off)")
     g.add_argument("--bregman-beta", type=float, default=d.smart.bregman_beta)
@@ -352,9 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="mean", choices=["mean", "vote"], help="classification: mean probability or vote")
     p.add_argument("--regression-method", default="mean", choices=["mean", "median"])
     p.add_argument("--weights", default=None, help="comma-separated member weights (default: equal)")
-    p.add_argument("--batched", action="store_true",
-                   help="all members in one forward pass (peft per-sample routing); measured slower than one pass "
-                        "per member on CPU (reports/bench.md), so off by default")
+    passes = p.add_mutually_exclusive_group()
+    passes.add_argument("--batched", dest="batched", action="store_const", const=True, default=None,
+                        help="all members in one forward pass per batch (stacked LoRA factors)")
+    passes.add_argument("--sequential", dest="batched", action="store_const", const=False,
+                        help="one forward pass per member (default for whole splits: faster on CPU, "
+                             "reports/bench.md)")
     p.add_argument("--record", default=None, help="also write the result as NAME.ensemble.json for `peft-mtl report`")
     p.add_argument("--backbone", default=None)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")

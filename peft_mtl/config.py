@@ -32,6 +32,8 @@ class SmartSettings:
     epsilon: float = 1e-5
     sigma: float = 1e-5
     step_size: float = 1e-3
+    # Ascent steps T. 0 keeps the random N(0, σ²) perturbation without ascent (as in R3F,
+    # Aghajanyan et al. 2021): one forward/backward less per step (bench: lora_smart_t0).
     steps: int = 1
     norm: str = "inf"  # "inf" or "l2": the ball the perturbation is projected into
     bregman_mu: float = 0.0
@@ -125,8 +127,8 @@ class TrainConfig:
             fail("lora.rank", "must be at least 1")
         if self.smart.norm not in ("inf", "l2"):
             fail("smart.norm", "must be inf or l2")
-        if self.smart.steps < 1:
-            fail("smart.steps", "must be at least 1")
+        if self.smart.steps < 0:
+            fail("smart.steps", "must be 0 (random perturbation only) or more")
         if not 0 <= self.smart.bregman_beta < 1:
             fail("smart.bregman_beta", "must be in [0, 1)")
         for t in self.smart.task_weights:

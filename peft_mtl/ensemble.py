@@ -31,6 +31,7 @@ from .stacked import stack_members, stacked_lora
 from .tasks import get_task
 
 CLASSIFICATION_METHODS = ("mean", "vote")
+MAX_BATCHED_ROWS = 512
 REGRESSION_METHODS = ("mean", "median")
 
 
@@ -70,9 +71,17 @@ def ensemble_predictions(kind: str, combined: np.ndarray) -> np.ndarray:
     return predictions_from_outputs(kind, combined)
 
 
-def member_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str], batched: bool = False,
-                   batch_size: int = 128, progress: bool = False) -> list[np.ndarray]:
-    """Raw outputs of every member on the same encoded inputs."""
+def member_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str],
+                   batched: bool | None = None, batch_size: int = 128, progress: bool = False) -> list[np.ndarray]:
+    """Raw outputs of every member on the same encoded inputs.
+
+    ``batched=None`` picks what measured faster on CPU (reports/bench.md): one batched pass
+    when all k copies of the inputs fit in one pass (online requests, where per-pass
+    overhead dominates), one pass per member for bigger jobs (compute-bound GEMMs, which
+    batching does not speed up).
+    """
+    if batched is None:
+        batched = len(encoded) * len(members) <= MAX_BATCHED_ROWS
     if batched and _can_batch(base, members):
         return _batched_outputs(base, task, encoded, members, batch_size, progress)
     return [base.outputs(task, encoded, m, batch_size, progress) for m in members]
@@ -112,9 +121,11 @@ def _batched_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members:
     k = len(members)
     per_member: list[list[np.ndarray]] = [[] for _ in members]
     order = []
-    # Rows per forward pass stay at batch_size: k copies of batch_size // k inputs.
-    member_batch = max(1, batch_size // k)
-    base.model.eval()
+    # batch_size inputs per pass, as in a sequential pass, so each pass holds k copies of
+    # them (capped so that a pass never holds more than MAX_BATCHED_ROWS rows).
+    member_batch = max(1, min(batch_size, MAX_BATCHED_ROWS // k))
+    if base.model.training:  # eval() walks every module; a BaseModel stays in eval mode
+        base.model.eval()
     bar = tqdm(total=len(encoded), desc=f"ensemble {task}", disable=not progress, file=sys.stderr, leave=False)
     with torch.inference_mode(), autocast(base.precision), stacked_lora(stacks):
         for batch in iterate_batches(encoded, member_batch, None, base.pad_id):
@@ -194,7 +205,7 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
 
 
 def ensemble_predict(base: BaseModel, task: str, inputs, members: list[str], weights: list[float] | None = None,
-                     method: str = "mean", batched: bool = False) -> list[dict]:
+                     method: str = "mean", batched: bool | None = None) -> list[dict]:
     """Ensemble prediction for raw inputs: ``{"label", "probabilities"}`` or ``{"score"}`` per input."""
     spec = get_task(task)
     encoded = base.encode(task, inputs, members[0])

@@ -19,7 +19,8 @@ def raw_outputs(model, split: EncodedSplit, batch_size: int = 128, precision: st
     """Outputs of ``head`` (default: the task's name) for every example, in the split's order:
     logits (N, C) or scores (N,)."""
     was_training = model.training
-    model.eval()
+    if was_training:  # train()/eval() walk every module: thousands with many adapter sets loaded
+        model.eval()
     task = head or split.task.name
     model.use_task(task, trainable=False)
     chunks, order = [], []
@@ -33,7 +34,8 @@ def raw_outputs(model, split: EncodedSplit, batch_size: int = 128, precision: st
                 bar.update(len(batch))
     finally:
         bar.close()
-        model.train(was_training)
+        if was_training:
+            model.train()
     out = np.concatenate(chunks)
     result = np.empty_like(out)
     result[np.concatenate(order)] = out

@@ -111,8 +111,8 @@ def _autocast_bf16() -> bool:
 def _frozen_bf16(layer: nn.Module, name: str) -> torch.Tensor | None:
     """A bf16 copy of the frozen base weight or bias, made once (re-made if the tensor changes)."""
     tensor = getattr(layer.base_layer, name)
-    if tensor is None:
-        return None
+    if tensor is None or tensor.dtype == torch.bfloat16:
+        return tensor
     cache = layer.__dict__.setdefault("_peft_mtl_bf16", {})
     key = (tensor.data_ptr(), tensor._version)
     hit = cache.get(name)
@@ -122,12 +122,40 @@ def _frozen_bf16(layer: nn.Module, name: str) -> torch.Tensor | None:
     return hit[1]
 
 
+def _merged_bf16(layer: nn.Module, active: list[str], build: bool = True) -> torch.Tensor | None:
+    """``W + Σ_i s_i B_i A_i`` in bf16 for the active adapters, kept until they or W change.
+
+    Inference then costs what a merged model costs (no rank-r matmuls per layer) while the
+    adapters stay separate: switching sets only changes which merge the next big pass
+    makes (``build=False``: return None rather than merge). The key holds the tensors themselves (so
+    their ids cannot be reused) and their version counters (bumped by optimiser steps
+    and in-place copies, e.g. Bregman's parameter swap).
+    """
+    tensors = [layer.base_layer.weight]
+    for name in active:
+        tensors += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+    key = tuple((id(t), t._version) for t in tensors) + tuple(float(layer.scaling[n]) for n in active)
+    cache = layer.__dict__.setdefault("_peft_mtl_merged", {})
+    if cache.get("key") != key:
+        if not build:
+            return None
+        with torch.no_grad():
+            merged = layer.base_layer.weight.detach().float().clone()
+            for name in active:
+                merged.addmm_(layer.lora_B[name].weight.float(), layer.lora_A[name].weight.float(),
+                              alpha=float(layer.scaling[name]))
+        cache.update(key=key, tensors=tensors, weight=merged.to(torch.bfloat16))
+    return cache["weight"]
+
+
 def _fusable(layer: nn.Module, kwargs: dict) -> bool:
-    if kwargs or layer.disable_adapters or layer.merged or not _autocast_bf16():
+    if kwargs or layer.disable_adapters or layer.merged:
         return False
     base = layer.base_layer
     if type(base) is not nn.Linear or base.weight.requires_grad:
         return False  # full fine-tuning or a quantized layer: peft's own path
+    if not (_autocast_bf16() or base.weight.dtype == torch.bfloat16):
+        return False  # fp32 compute: peft's own path, bit for bit
     for name in layer.active_adapters:
         if name in layer.lora_A:
             if name in layer.lora_variant or not isinstance(layer.lora_dropout[name], nn.Identity):
@@ -142,15 +170,25 @@ def fused_lora_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
     for each and back, while autocast re-casts the frozen fp32 weight on every call. Here
     ``x`` is cast once, the frozen weight is cast once per run and kept, and the active
     adapters (shared + task) are concatenated along the rank — ``[B_1 s_1, B_2 s_2]
-    [A_1; A_2] = Σ_i s_i B_i A_i`` — so their delta is one pair of matmuls. Anything this
+    [A_1; A_2] = Σ_i s_i B_i A_i`` — so their delta is one pair of matmuls; without
+    gradients (inference) the deltas are merged into a cached bf16 weight. Anything this
     does not cover (no autocast, DoRA, LoRA dropout, per-sample ``adapter_names``, merged or
     trainable base weights) runs peft's own forward.
     """
     if args or not _fusable(layer, kwargs):
         return type(layer).forward(layer, x, *args, **kwargs)
     x16 = _bf16_input(x)
-    result = torch.nn.functional.linear(x16, _frozen_bf16(layer, "weight"), _frozen_bf16(layer, "bias"))
     active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if active and not torch.is_grad_enabled():
+        # Inference: one GEMM with W + Σ s_i B_i A_i, merged once per active combination —
+        # when the batch is big enough to repay the merge (a merge costs about what the
+        # rank-r path costs on d_in·d_out / (d_in + d_out) rows) or the merge is cached.
+        rows = x16.numel() // x16.shape[-1]
+        worth_merging = rows >= layer.in_features * layer.out_features / (layer.in_features + layer.out_features)
+        merged = _merged_bf16(layer, active, build=worth_merging)
+        if merged is not None:
+            return torch.nn.functional.linear(x16, merged, _frozen_bf16(layer, "bias"))
+    result = torch.nn.functional.linear(x16, _frozen_bf16(layer, "weight"), _frozen_bf16(layer, "bias"))
     if not active:
         return result
     if len(active) == 1:

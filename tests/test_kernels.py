@@ -110,3 +110,23 @@ def test_fused_lora_falls_back_to_peft_outside_its_cases():
     layer.base_layer.weight.requires_grad_(True)  # full fine-tuning: peft's path
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(fused_lora_forward(layer, x), type(layer).forward(layer, x))
+
+
+def test_inference_uses_a_merged_weight_that_follows_adapter_changes():
+    model, layer = _two_adapter_layer()
+    x = torch.randn(5, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            merged = layer(x).float()
+        training_path = layer(x).float().detach()
+    torch.testing.assert_close(merged, training_path, atol=0.05, rtol=0.02)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.lora_B["task"].weight.mul_(3)  # an optimiser step: the cached merge must be redone
+        after_update = layer(x).float()
+        activate(model, ["shared"], trainable=False)  # a different adapter combination
+        shared_only = layer(x).float()
+    assert not torch.allclose(after_update, merged, atol=0.05)
+    x16 = x.bfloat16().float()
+    expected = (nn.functional.linear(x16, layer.base_layer.weight, layer.base_layer.bias)
+                + (x16 @ layer.lora_A["shared"].weight.t()) @ layer.lora_B["shared"].weight.t() * layer.scaling["shared"])
+    torch.testing.assert_close(shared_only, expected, atol=0.05, rtol=0.02)

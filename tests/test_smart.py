@@ -47,6 +47,17 @@ def test_regularizer_is_non_negative_and_zero_without_perturbation(tiny_model_fa
     assert zero.item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_ascent_step_finds_a_larger_divergence_than_the_random_start(tiny_model_factory, tiny_backbone):
+    model = noisy_model(tiny_model_factory)
+    b = batch(tiny_backbone)
+    settings = dict(weight=1, epsilon=5e-2, sigma=1e-2, step_size=5e-2)
+    torch.manual_seed(0)
+    random_only = regularizer(model, b, SmartSettings(steps=0, **settings))
+    torch.manual_seed(0)  # the same random start
+    ascended = regularizer(model, b, SmartSettings(steps=1, **settings))
+    assert 0 < random_only.item() < ascended.item()
+
+
 def test_regularizer_grows_with_epsilon_for_regression(tiny_model_factory, tiny_backbone):
     model = noisy_model(tiny_model_factory, ("sts",))
     b = batch(tiny_backbone, "sts")
