@@ -62,6 +62,9 @@ def _detail(manifest: dict) -> str:
     if smart.get("bregman_mu"):
         parts.append(f"Bregman μ={smart.get('bregman_mu')}")
     parts.append(f"{cfg.get('epochs')} ep")
+    if cfg.get("max_eval_examples"):
+        # Not comparable with full-dev rows: say so where the number is printed.
+        parts.append(f"dev = first {cfg['max_eval_examples']} rows only")
     return ", ".join(p for p in parts if p)
 
 
