@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import FastDropout
 from .tasks import TaskSpec
 
 POOLINGS = ("mean", "cls")
@@ -38,7 +39,7 @@ class TaskHead(nn.Module):
         super().__init__()
         self.pair_encoding = pair_encoding
         self.cosine = cosine
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = FastDropout(dropout)
         in_features = hidden_size * 3 if pair_encoding == "bi" and not cosine else hidden_size
         # A cosine head has no weights of its own: the encoder learns the geometry.
         self.linear = None if cosine else nn.Linear(in_features, outputs)

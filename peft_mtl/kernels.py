@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import types
 import weakref
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -25,8 +27,35 @@ ATTENTION_NAME = "peft_mtl"
 _INT16_SPAN = 65536
 
 
+_paired = False
+
+
+@contextmanager
+def paired_dropout() -> Iterator[None]:
+    """Inside the block, the second half of every batch reuses the first half's dropout masks.
+
+    SMART without ascent steps runs the clean and the perturbed copy of a batch as one
+    batch of 2B rows; with shared masks the two halves differ only by the perturbation.
+    """
+    global _paired
+    previous, _paired = _paired, True
+    try:
+        yield
+    finally:
+        _paired = previous
+
+
 def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
     """Boolean mask with P(True) = 1 − p (to 1/65536), from a quarter of the usual random draws."""
+    if _paired:
+        if shape[0] % 2:
+            raise ValueError(f"paired dropout needs an even batch dimension, got shape {tuple(shape)}")
+        half = keep_mask_unpaired(torch.Size([shape[0] // 2, *shape[1:]]), p)
+        return torch.cat([half, half])
+    return keep_mask_unpaired(shape, p)
+
+
+def keep_mask_unpaired(shape: torch.Size, p: float) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= int(s)
@@ -89,6 +118,18 @@ def register_attention() -> str:
     # The eager additive mask is what this attention function expects.
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
     return ATTENTION_NAME
+
+
+def all_dropout_pairable(model: nn.Module) -> bool:
+    """True when every dropout in ``model`` draws its masks through :func:`keep_mask`."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and not isinstance(module, FastDropout) and module.p > 0:
+            return False
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "_attn_implementation", ATTENTION_NAME) != ATTENTION_NAME \
+                and getattr(config, "attention_probs_dropout_prob", 0) > 0:
+            return False
+    return True
 
 
 def use_fast_dropout(encoder: nn.Module) -> int:

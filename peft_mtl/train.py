@@ -30,6 +30,7 @@ from .data import (DataError, EncodedSplit, LoadedSplit, default_data_dir, encod
                    collate, load_split, pad_sequences, task_file)
 from .evaluate import evaluate
 from .heads import make_head
+from .kernels import all_dropout_pairable
 from .losses import get_loss
 from .metrics import overall_score, primary_score
 from .model import MultiTaskModel
@@ -38,7 +39,7 @@ from .runs import save_run
 from .runtime import autocast, configure_threads, resolve_precision, seed_everything
 from .sampling import task_schedule
 from .simcse import simcse_step_loss
-from .smart import BregmanProximal, smart_regularizer
+from .smart import BregmanProximal, smart_random_paired, smart_regularizer
 from .tasks import get_task
 
 
@@ -206,17 +207,28 @@ class StepContext:
     trace: object | None = None  # an open file: one JSON line per step (task, rows) for debugging
 
 
+def _dropout_pairable(model: MultiTaskModel) -> bool:
+    if "_dropout_pairable" not in model.__dict__:  # one walk over the modules per model
+        model.__dict__["_dropout_pairable"] = all_dropout_pairable(model)
+    return model.__dict__["_dropout_pairable"]
+
+
 def task_loss(model: MultiTaskModel, batch, ctx: StepContext) -> torch.Tensor:
     """Task loss for one batch, plus λ_s·R_s (SMART) and μ·D_Breg when enabled."""
     cfg, task = ctx.cfg, get_task(batch.task)
     loss_name = cfg.sst_loss if task.name == "sst" else task.default_loss
     loss_fn = get_loss(loss_name)
     rng_state = torch.get_rng_state()
+    smart_weight = cfg.smart.weight_for(task.name)
     with autocast(ctx.precision):
-        with model.capture_embeddings() as embeddings:
-            output = model(task.name, batch.inputs)
-        loss = loss_fn(output, batch.labels, alpha=cfg.ordinal_alpha)
-        smart_weight = cfg.smart.weight_for(task.name)
+        if smart_weight > 0 and cfg.smart.steps == 0 and _dropout_pairable(model):
+            output, reg = smart_random_paired(model, task.name, batch.inputs, task.kind, cfg.smart)
+            loss = loss_fn(output, batch.labels, alpha=cfg.ordinal_alpha) + smart_weight * reg
+            smart_weight = 0.0  # done
+        else:
+            with model.capture_embeddings() as embeddings:
+                output = model(task.name, batch.inputs)
+            loss = loss_fn(output, batch.labels, alpha=cfg.ordinal_alpha)
         if smart_weight > 0:
             after_clean = torch.get_rng_state()
 

@@ -155,3 +155,35 @@ def test_bregman_penalty_is_live_under_bf16_autocast(tiny_model_factory, tiny_ba
     torch.manual_seed(0)
     with_penalty = task_loss(model, b, StepContext(cfg, "bf16", breg)).item()
     assert with_penalty > plain + 1e-4
+
+
+def test_smart_without_ascent_runs_clean_and_perturbed_copies_in_one_pass(tiny_model_factory, tiny_backbone):
+    from peft_mtl.kernels import all_dropout_pairable
+    from peft_mtl.smart import smart_random_paired
+
+    model = noisy_model(tiny_model_factory)
+    model.train()  # dropout live: the two halves must still share masks
+    assert all_dropout_pairable(model)
+    b = batch(tiny_backbone)
+    torch.manual_seed(0)
+    clean, zero = smart_random_paired(model, b.task, b.inputs, "classification", SmartSettings(epsilon=0.0, sigma=1e-2))
+    assert zero.item() == pytest.approx(0.0, abs=1e-7)
+    assert clean.shape[0] == b.inputs[0]["input_ids"].shape[0]
+    clean, reg = smart_random_paired(model, b.task, b.inputs, "classification", SmartSettings(epsilon=5e-2, sigma=5e-2))
+    assert reg.item() > 0
+    reg.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_training_with_smart_steps_zero_uses_the_paired_pass(tiny_model_factory, tiny_backbone, monkeypatch):
+    import peft_mtl.train as train_module
+
+    calls = []
+    real = train_module.smart_random_paired
+    monkeypatch.setattr(train_module, "smart_random_paired", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = TrainConfig(tasks=["sst"])
+    cfg.smart.weight, cfg.smart.steps = 1.0, 0
+    model = noisy_model(tiny_model_factory)
+    model.train()
+    loss = task_loss(model, batch(tiny_backbone), StepContext(cfg, "fp32", None))
+    assert calls and torch.isfinite(loss)
