@@ -19,7 +19,8 @@ def flags(config: dict) -> str:
     default = TrainConfig().to_dict()
     out = []
     for key in ("tasks", "mode", "epochs", "steps_per_epoch", "sampling", "pooling", "lr", "lora.rank", "lora.alpha",
-                "lora.targets", "lora.dropout", "smart.weight", "smart.bregman_mu", "shared_adapter", "sst_loss", "backbone_dropout"):
+                "lora.targets", "lora.dropout", "smart.weight", "smart.steps", "smart.bregman_mu", "shared_adapter", "sst_loss",
+                "backbone_dropout", "quantize", "precision", "max_eval_examples", "max_train_examples"):
         parts = key.split(".")
         value, base = config, default
         for p in parts:

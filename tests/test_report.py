@@ -40,3 +40,14 @@ def test_report_from_runs_and_an_ensemble_is_deterministic(tiny_backbone, small_
     main(["report", str(runs), "--out", str(out)])
     assert (out / "report.md").read_text() == text
     assert (out / "params_vs_score.png").read_bytes() == png
+
+
+def test_runs_scored_on_part_of_the_dev_split_are_marked_and_kept_off_the_front(tmp_path):
+    from peft_mtl.report import Row, markdown
+
+    def row(name, score, partial):
+        return Row(name=name, mode="lora", backbone="b", trainable=100, total=1000, bytes_on_disk=1,
+                   metrics={"sst": score}, overall=None, train_seconds=1.0, detail="", partial_dev=partial)
+
+    text = markdown([row("full", 0.49, False), row("subset", 0.52, True)], None)
+    assert "| `full` ★" in text and "| `subset` |" in text
