@@ -257,15 +257,15 @@ def _bf16_input(x: torch.Tensor) -> torch.Tensor:
     """
     if x.dtype == torch.bfloat16:
         return x
-    ref = _last_cast.get("source")
     # Inference tensors have no version counter; the cache is also emptied before every
     # encoder forward (use_fused_lora), so a hit is always within one pass.
     version = None if x.is_inference() else x._version
     key = (version, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-    if ref is not None and ref() is x and _last_cast.get("key") == key:
-        return _last_cast["cast"]
+    entry = _last_cast.get("entry")  # one tuple, read once: threads may replace it meanwhile
+    if entry is not None and entry[0]() is x and entry[1] == key:
+        return entry[2]
     cast = x.to(torch.bfloat16)
-    _last_cast.update(source=weakref.ref(x), key=key, cast=cast)
+    _last_cast["entry"] = (weakref.ref(x), key, cast)
     return cast
 
 
