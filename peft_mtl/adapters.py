@@ -97,3 +97,62 @@ def activate(peft_model: nn.Module, names: list[str], trainable: bool) -> None:
     list. Inactive adapters get ``requires_grad=False`` so they cannot move.
     """
     peft_model.base_model.set_adapter(list(names), inference_mode=not trainable)
+
+
+def load_adapter_into_existing_layers(peft_model: nn.Module, path, adapter_name: str,
+                                      layers: dict[str, nn.Module]) -> bool:
+    """Load a saved LoRA adapter into LoRA layers the model already has; False if it cannot.
+
+    ``peft_model.load_adapter`` re-injects: it walks every module of the model (more with
+    every adapter already loaded), re-matches target names and re-marks trainable
+    parameters — ~70 ms per adapter with a few sets loaded. When every module the saved
+    weights name is already a LoRA layer (the usual case: adapter sets of one recipe), the
+    same result comes from peft's own ``update_layer`` on just those layers plus a copy of
+    the weights. ``layers`` maps module names to the model's LoRA layers. Anything unusual
+    (another peft type, DoRA, rank/alpha patterns, new target modules, a peft version with
+    another ``update_layer``) returns False so the caller uses ``load_adapter``.
+    """
+    from pathlib import Path
+
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        config = LoraConfig.from_pretrained(str(path))
+    except Exception:
+        return False
+    if (config.use_dora or config.rank_pattern or config.alpha_pattern or config.modules_to_save
+            or config.lora_bias or config.bias != "none"):
+        return False
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if key.endswith(suffix):
+                factors.setdefault(key[: -len(suffix)], {})[part] = tensor
+                break
+        else:
+            return False  # something other than plain LoRA factors
+    if not factors or any(name not in layers or len(ab) != 2 for name, ab in factors.items()):
+        return False
+    config.inference_mode = True
+    done = []
+    try:
+        for name, ab in factors.items():
+            layer = layers[name]
+            layer.update_layer(adapter_name, ab["lora_A"].shape[0], config.lora_alpha, config)
+            done.append(layer)
+            with torch.no_grad():
+                layer.lora_A[adapter_name].weight.copy_(ab["lora_A"])
+                layer.lora_B[adapter_name].weight.copy_(ab["lora_B"])
+            layer.lora_A[adapter_name].weight.requires_grad_(False)
+            layer.lora_B[adapter_name].weight.requires_grad_(False)
+    except Exception:
+        for layer in done:  # leave no half-loaded adapter behind
+            layer.delete_adapter(adapter_name)
+        return False
+    peft_model.peft_config[adapter_name] = config
+    return True

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .adapters import load_adapter_into_existing_layers
 from .backbone import (BackboneIdentity, backbone_identity, freeze, load_encoder, load_tokenizer,
                        resolve_backbone)
 from .data import EncodedSplit, encode_texts
@@ -69,6 +70,7 @@ class BaseModel:
         self.sets: dict[str, AdapterSet] = {}
         self.active: str | None = None
         self.stack_cache: dict = {}  # (members, task) -> stacked LoRA factors for batched ensembles
+        self._lora_layer_index: dict | None = None  # module name -> peft LoRA layer
 
     # -- loading ------------------------------------------------------------------
 
@@ -105,8 +107,10 @@ class BaseModel:
                 if not hasattr(self.model.encoder, "peft_config"):
                     self.model.encoder = PeftModel.from_pretrained(self.model.encoder, str(path), adapter_name=full_name,
                                                                    is_trainable=False)
-                else:
+                    self._lora_layer_index = None
+                elif not load_adapter_into_existing_layers(self.model.encoder, path, full_name, self._lora_layers()):
                     self.model.encoder.load_adapter(str(path), adapter_name=full_name, is_trainable=False)
+                    self._lora_layer_index = None  # peft may have wrapped new modules
             except Exception as err:
                 for done in loaded:
                     self.model.encoder.delete_adapter(done)
@@ -131,6 +135,14 @@ class BaseModel:
             self.model.routing[key] = [f"{name}{SEP}{a}" for a in manifest["routing"].get(task, [])]
         self.model.eval()  # peft builds new modules in training mode; keep every dropout off
         return AdapterSet(name, folder, manifest, tasks, loaded)
+
+    def _lora_layers(self) -> dict:
+        """Module name -> LoRA layer of the shared peft model (one walk, kept until peft adds layers)."""
+        if self._lora_layer_index is None:
+            from peft.tuners.lora.layer import LoraLayer
+
+            self._lora_layer_index = {n: m for n, m in self.model.encoder.named_modules() if isinstance(m, LoraLayer)}
+        return self._lora_layer_index
 
     def _load_full(self, folder: Path, name: str, manifest: dict, tasks: list[str]) -> AdapterSet:
         encoder = load_encoder(folder / "encoder")

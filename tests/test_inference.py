@@ -135,3 +135,27 @@ def test_heads_only_set_loads_alone_and_beside_adapter_sets(tiny_backbone, small
     got = mixed.predict("sst", ["a fine film"], adapters="h")[0]
     assert got["label"] == expected["label"]
     assert got["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5), "no LoRA delta may leak in"
+
+
+def test_sets_loaded_into_existing_lora_layers_predict_as_when_loaded_alone(trained, tiny_backbone, monkeypatch):
+    import peft_mtl.inference as inference
+
+    used = []
+    real = inference.load_adapter_into_existing_layers
+    monkeypatch.setattr(inference, "load_adapter_into_existing_layers",
+                        lambda *a, **k: used.append(real(*a, **k)) or used[-1])
+    sentences = ["a gorgeous , witty film", "dull"]
+    pairs = [("a dog runs", "a dog is running"), ("x", "y")]
+    crowded = load_base(str(tiny_backbone), precision="fp32")
+    crowded.load(trained / "sst", name="first")  # wraps the backbone with peft
+    crowded.load(trained / "multi", name="multi")  # its adapters go into the existing LoRA layers
+    assert used and all(used), "the multi-adapter set should take the direct path"
+    alone = load_base(str(tiny_backbone), precision="fp32")
+    alone.load(trained / "multi", name="multi")
+    assert crowded.predict("sst", sentences, "multi") == alone.predict("sst", sentences, "multi")
+    assert crowded.predict("sts", pairs, "multi") == alone.predict("sts", pairs, "multi")
+    crowded.unload("multi")
+    assert not any(name.startswith("multi__") for name in crowded.model.encoder.peft_config)
+    first_alone = load_base(str(tiny_backbone), precision="fp32")
+    first_alone.load(trained / "sst", name="first")
+    assert crowded.predict("sst", sentences, "first") == first_alone.predict("sst", sentences, "first")
