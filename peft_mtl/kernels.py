@@ -1,4 +1,4 @@
-"""Cheaper CPU building blocks for the frozen backbone: dropout and attention.
+"""Cheaper CPU building blocks for the frozen backbone: dropout, attention, LoRA layers.
 
 Dropout: ``torch.nn.functional.dropout`` draws one 32-bit random number per element
 (``bernoulli_``), which on this CPU cost 13% of a LoRA training step (reports/speed.md).
@@ -11,6 +11,12 @@ Attention: :func:`attention_forward` is transformers' eager attention (matmul, s
 matmul — faster on CPU than SDPA at these lengths, see backbone.load_encoder) with
 :func:`fast_dropout` on the attention probabilities. It is registered with transformers'
 ``AttentionInterface`` as ``"peft_mtl"``.
+
+LoRA layers: :func:`use_fused_lora` routes peft's LoRA ``Linear`` layers through
+:func:`fused_lora_forward` — under bf16 autocast one input cast, a kept bf16 copy of the
+frozen weight, all active adapters as one rank-concatenated product inside the same GEMM,
+and merged cached weights at inference — and through peft's own forward otherwise.
+Measurements for each piece: reports/speed.md.
 """
 
 from __future__ import annotations
