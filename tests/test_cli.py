@@ -67,11 +67,13 @@ def test_predict_sentences_and_pairs(cli_run, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["eval", "/nonexistent/folder"], "no such folder"),
-    (["train", "--tasks", "nope", "--out", "/tmp/x"], "unknown task"),
-    (["train", "--tasks", "sst", "--out", "/tmp/x", "--data-dir", "/nonexistent"], "file not found"),
-    (["train", "--tasks", "sst", "--out", "/tmp/x", "--backbone", "no-such/model"], "never downloads"),
+    (["train", "--tasks", "nope", "--out", "{out}"], "unknown task"),
+    (["train", "--tasks", "sst", "--out", "{out}", "--data-dir", "/nonexistent"], "file not found"),
+    (["train", "--tasks", "sst", "--out", "{out}", "--backbone", "no-such/model"], "never downloads"),
 ])
-def test_user_errors_are_one_line_with_exit_code_2(argv, message, capsys):
+def test_user_errors_are_one_line_with_exit_code_2(argv, message, capsys, tmp_path):
+    # A fresh output folder: a fixed path could be an existing, non-empty folder (a checkout, say).
+    argv = [a.replace("{out}", str(tmp_path / "run")) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("peft-mtl: error:") and message in err[0]
