@@ -31,8 +31,8 @@ from .stacked import stack_members, stacked_lora
 from .tasks import get_task
 
 CLASSIFICATION_METHODS = ("mean", "vote")
-MAX_BATCHED_ROWS = 512
 REGRESSION_METHODS = ("mean", "median")
+MAX_BATCHED_ROWS = 512  # rows per batched pass; above this, one pass per member measured faster
 
 
 def combine(kind: str, member_outputs: list[np.ndarray], weights: list[float] | None = None,

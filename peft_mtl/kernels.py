@@ -155,6 +155,19 @@ def _autocast_bf16() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
+def concat_factors(layer: nn.Module, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with ``B @ A = Σ_i s_i B_i A_i`` over the adapters ``names`` of a LoRA layer.
+
+    The factors are concatenated along the rank (scaling folded into B): adapters that are
+    active together (shared + task) become one low-rank product.
+    """
+    if len(names) == 1:
+        return layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight * layer.scaling[names[0]]
+    a = torch.cat([layer.lora_A[n].weight for n in names], dim=0)  # (r, d_in)
+    b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in names], dim=1)  # (d_out, r)
+    return a, b
+
+
 def _frozen_bf16(layer: nn.Module, name: str) -> torch.Tensor | None:
     """A bf16 copy of the frozen base weight or bias, made once (re-made if the tensor changes)."""
     tensor = getattr(layer.base_layer, name)
@@ -174,9 +187,9 @@ def _merged_bf16(layer: nn.Module, active: list[str], build: bool = True) -> tor
 
     Inference then costs what a merged model costs (no rank-r matmuls per layer) while the
     adapters stay separate: switching sets only changes which merge the next big pass
-    makes (``build=False``: return None rather than merge). The key holds the tensors themselves (so
-    their ids cannot be reused) and their version counters (bumped by optimiser steps
-    and in-place copies, e.g. Bregman's parameter swap).
+    makes (``build=False``: return None rather than merge). The key holds the tensors
+    themselves (so their ids cannot be reused) and their version counters (bumped by
+    optimiser steps and in-place copies, e.g. Bregman's parameter swap).
     """
     tensors = [layer.base_layer.weight]
     for name in active:
@@ -187,10 +200,8 @@ def _merged_bf16(layer: nn.Module, active: list[str], build: bool = True) -> tor
         if not build:
             return None
         with torch.no_grad():
-            merged = layer.base_layer.weight.detach().float().clone()
-            for name in active:
-                merged.addmm_(layer.lora_B[name].weight.float(), layer.lora_A[name].weight.float(),
-                              alpha=float(layer.scaling[name]))
+            a, b = concat_factors(layer, active)
+            merged = torch.addmm(layer.base_layer.weight.float(), b.float(), a.float())
         cache.update(key=key, tensors=tensors, weight=merged.to(torch.bfloat16))
     return cache["weight"]
 
@@ -238,12 +249,7 @@ def fused_lora_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
     result = torch.nn.functional.linear(x16, _frozen_bf16(layer, "weight"), _frozen_bf16(layer, "bias"))
     if not active:
         return result
-    if len(active) == 1:
-        name = active[0]
-        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight * layer.scaling[name]
-    else:
-        a = torch.cat([layer.lora_A[n].weight for n in active], dim=0)
-        b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in active], dim=1)
+    a, b = concat_factors(layer, active)
     rows = x16.reshape(-1, x16.shape[-1])
     # result + (x A^T) B^T as one addmm: the delta is never materialised on its own.
     fused = torch.addmm(result.reshape(-1, result.shape[-1]), rows @ a.to(torch.bfloat16).t(),

@@ -22,6 +22,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .kernels import concat_factors
+
 
 @dataclass
 class StackedLayer:
@@ -53,12 +55,7 @@ def stack_members(encoder: nn.Module, members: list[list[str]], dtype: torch.dty
             for n in present:
                 if n in getattr(layer, "lora_variant", {}):
                     raise ValueError(f"adapter {n!r} is a LoRA variant (e.g. DoRA) that cannot be stacked")
-            if present:
-                a = torch.cat([layer.lora_A[n].weight for n in present], dim=0)  # (r, d_in)
-                b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in present], dim=1)  # (d_out, r)
-            else:
-                a = b = None
-            factors.append((a, b))
+            factors.append(concat_factors(layer, present) if present else (None, None))
         if all(a is None for a, _ in factors):
             stacked[layer] = None
             continue
