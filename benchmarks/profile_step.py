@@ -4,7 +4,10 @@
 """
 import time, torch, sys
 from peft_mtl.config import TrainConfig
-from peft_mtl.train import build_model, load_task_data, build_optimizer, BatchStream, StepContext, optimizer_step, build_scheduler
+from peft_mtl.train import build_model, load_task_data
+from peft_mtl.data import BatchStream
+from peft_mtl.optimization import TrainingStep, build_optimizer, build_scheduler
+from peft_mtl.regularizers import Objective
 from peft_mtl.backbone import *
 from peft_mtl.runtime import configure_threads
 from pathlib import Path
@@ -28,15 +31,16 @@ if "bf16w" in flags: enc.to(torch.bfloat16)
 tr,dev,sizes=load_task_data(cfg,tok,Path("../shared/data"))
 m=build_model(cfg,enc,384); m.train()
 opt=build_optimizer(cfg,m); sch=build_scheduler(opt,1000,0.06)
-ctx=StepContext(cfg,prec,None)
 s={"sst":BatchStream(tr["sst"],32,0,0,0)}
-for i in range(3): optimizer_step(m,("sst",),s,opt,sch,ctx,None)
+step=TrainingStep(m,Objective(m,cfg,prec),opt,sch,cfg.max_grad_norm)
+batch=lambda: {"sst": s["sst"].next()}
+for i in range(3): step(batch())
 if "profile" in flags:
     from torch.profiler import profile
     with profile() as prof:
-        for i in range(5): optimizer_step(m,("sst",),s,opt,sch,ctx,None)
+        for i in range(5): step(batch())
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 t=time.perf_counter(); N=20
-for i in range(N): optimizer_step(m,("sst",),s,opt,sch,ctx,None)
+for i in range(N): step(batch())
 el=time.perf_counter()-t
 print(flags, f"{N*32/el:.1f} ex/s")

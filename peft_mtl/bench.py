@@ -73,7 +73,11 @@ def step_flops(step: Callable[[], None]) -> float:
 
 def _our_training_step(cfg, splits, batch_size: int, seed: int = 0):
     from .backbone import load_encoder, resolve_backbone
-    from .train import BatchStream, StepContext, build_model, build_optimizer, build_scheduler, optimizer_step
+    from .data import BatchStream
+    from .model import build_model
+    from .optimization import TrainingStep, build_optimizer, build_scheduler
+    from .regularizers import Objective
+    from .runtime import resolve_precision
 
     torch.manual_seed(seed)
     _, path = resolve_backbone(cfg.backbone)
@@ -86,9 +90,8 @@ def _our_training_step(cfg, splits, batch_size: int, seed: int = 0):
     model.train()
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(optimizer, 10_000, 0.0)
-    from .runtime import resolve_precision
-
-    ctx = StepContext(cfg, resolve_precision(cfg.precision), None)
+    objective = Objective(model, cfg, resolve_precision(cfg.precision))
+    training_step = TrainingStep(model, objective, optimizer, scheduler, cfg.max_grad_norm)
     streams = {t: BatchStream(splits[t], batch_size, seed, i, 0) for i, t in enumerate(cfg.tasks)}
     task_cycle = list(cfg.tasks)
     counter = {"i": 0}
@@ -96,7 +99,7 @@ def _our_training_step(cfg, splits, batch_size: int, seed: int = 0):
     def step():
         t = task_cycle[counter["i"] % len(task_cycle)]
         counter["i"] += 1
-        optimizer_step(model, (t,), streams, optimizer, scheduler, ctx, None)
+        training_step({t: streams[t].next()})
 
     return model, step
 
@@ -236,7 +239,7 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
     from .ensemble import member_outputs
     from .inference import load_base
     from .runs import save_run
-    from .train import build_model
+    from .model import build_model
 
     log("bench: inference, swap, load, memory")
     tmp = Path(tempfile.mkdtemp(prefix="peft_mtl_bench_"))

@@ -1,8 +1,10 @@
 """Resumable training checkpoints inside the output folder (``OUT/.checkpoint/``).
 
 A checkpoint holds everything needed to continue as if never stopped: trainable tensors,
-the best state so far, optimiser and scheduler state, batch-stream positions, Bregman
-averages, RNG state and progress counters. Tensors go to safetensors; the optimiser state
+the best state so far, optimiser and scheduler state, batch-stream positions, Bregman's
+θ̃, progress counters, the config the run was started with, and every random stream of
+every process — the global torch RNG (dropout masks), SMART's noise generator and PCGrad's
+shuffling generator, one set per rank. Tensors go to safetensors; the optimiser state
 (tensors and numbers only) is read back with ``torch.load(weights_only=True)``, which
 refuses to unpickle code. The folder is replaced atomically, so a kill mid-write leaves
 the previous checkpoint intact.
@@ -20,8 +22,13 @@ import torch
 from safetensors.torch import load_file
 
 from .artifacts import atomic_folder, save_tensors_atomic, write_json_atomic
+from .config import ConfigError, TrainConfig
 
 CHECKPOINT_DIR = ".checkpoint"
+
+
+class CheckpointMismatch(ConfigError):
+    """``--resume`` was asked for with settings other than the interrupted run's."""
 
 
 @dataclass
@@ -58,29 +65,37 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor] 
             params[n].copy_(t)
 
 
-def save(out: Path, model, optimizer, scheduler, streams, bregman, progress: Progress, cfg) -> None:
+def save(out: Path, *, model, optimizer, scheduler, streams, objective, progress: Progress, cfg: TrainConfig,
+         random_states: list[dict], world: int) -> None:
+    """Write the checkpoint (rank 0 only; ``random_states`` holds every rank's, in rank order)."""
     out.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out / CHECKPOINT_DIR, overwrite=True) as tmp:
         save_tensors_atomic(trainable_state(model), tmp / "trainable.safetensors")
         if progress.best_state:
             save_tensors_atomic(progress.best_state, tmp / "best.safetensors")
-        if bregman is not None:
-            save_tensors_atomic(bregman.state_dict(), tmp / "bregman.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        if objective.tensors():
+            save_tensors_atomic(objective.tensors(), tmp / "bregman.safetensors")
+        rng_tensors = {f"rank{r}.{k}": v for r, s in enumerate(random_states) for k, v in s.items()
+                       if isinstance(v, torch.Tensor)}
+        save_tensors_atomic(rng_tensors, tmp / "random.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         meta = asdict(progress)
         meta.pop("best_state")
         meta["streams"] = {t: s.state() for t, s in streams.items()}
         meta["config"] = cfg.to_dict()
+        meta["processes"] = world
+        # numpy generator states are dicts of (128-bit) ints: JSON keeps them exactly.
+        meta["random"] = [{k: v for k, v in s.items() if not isinstance(v, torch.Tensor)} for s in random_states]
         write_json_atomic(tmp / "progress.json", meta)
 
 
-def load(out: Path, model) -> dict | None:
+def load(out: Path) -> dict:
     folder = out / CHECKPOINT_DIR
     if not (folder / "progress.json").is_file():
         raise FileNotFoundError(f"{folder}: no checkpoint to resume from; run without --resume to start afresh")
     meta = json.loads((folder / "progress.json").read_text())
-    state = {"meta": meta, "trainable": load_file(str(folder / "trainable.safetensors"))}
+    state = {"meta": meta, "trainable": load_file(str(folder / "trainable.safetensors")),
+             "random": load_file(str(folder / "random.safetensors")) if (folder / "random.safetensors").is_file() else {}}
     if (folder / "best.safetensors").is_file():
         state["best"] = load_file(str(folder / "best.safetensors"))
     if (folder / "bregman.safetensors").is_file():
@@ -89,20 +104,51 @@ def load(out: Path, model) -> dict | None:
     return state
 
 
-def restore(state: dict, model, optimizer, scheduler, streams, bregman, progress: Progress) -> None:
+def check_compatible(state: dict, cfg: TrainConfig, world: int, out: Path) -> None:
+    """Refuse to resume with other settings or another number of processes (one line naming them)."""
+    try:
+        saved = TrainConfig.from_dict(state["meta"]["config"])
+    except ConfigError as err:
+        raise CheckpointMismatch(f"{out / CHECKPOINT_DIR}: the saved config cannot be read ({err}); "
+                                 f"pass --overwrite to start over") from None
+    changed = cfg.changed_for_resume(saved)
+    saved_world = state["meta"].get("processes", 1)
+    if world != saved_world:
+        changed.append(f"processes ({saved_world} -> {world})")
+    if changed:
+        raise CheckpointMismatch(f"--resume: {out} was started with other settings; changed: {', '.join(changed)}. "
+                                 f"Resume with the original flags, or pass --overwrite to start over")
+
+
+def restore(state: dict, *, model, optimizer, scheduler, streams, objective, surgery, progress: Progress,
+            rank: int) -> None:
     load_trainable_state(model, state["trainable"])
     optimizer.load_state_dict(state["optim"]["optimizer"])
     scheduler.load_state_dict(state["optim"]["scheduler"])
-    torch.set_rng_state(state["optim"]["rng"])
     meta = dict(state["meta"])
     for t, s in meta.pop("streams").items():
         streams[t].restore(s)
-    meta.pop("config", None)
+    random = meta.pop("random", [])
+    for key in ("config", "processes"):
+        meta.pop(key, None)
     for k, v in meta.items():
         setattr(progress, k, v)
     progress.best_state = state.get("best")
-    if bregman is not None and "bregman" in state:
-        bregman.load_state_dict(state["bregman"])
+    if "bregman" in state:
+        objective.load_tensors(state["bregman"])
+    tensors = state["random"]
+    torch.set_rng_state(tensors[f"rank{rank}.torch"])
+    objective.load_random_state(tensors[f"rank{rank}.smart"])
+    if surgery is not None:
+        surgery.load_random_state(random[rank]["pcgrad"])
+
+
+def random_state(objective, surgery) -> dict:
+    """This process's random streams, as ``save`` stores them."""
+    state = {"torch": torch.get_rng_state(), "smart": objective.random_state()}
+    if surgery is not None:
+        state["pcgrad"] = surgery.random_state()
+    return state
 
 
 def remove(out: Path) -> None:

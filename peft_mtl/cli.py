@@ -12,100 +12,25 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
+from .options import add_config_arguments, apply_overrides, overrides_from_args
 
 EXIT_USER_ERROR = 2
 
 
+# Which argparse group each config field's flag is shown in (by dotted-path prefix).
+_TRAIN_GROUPS = {"lora.": "LoRA", "smart.": "regularisation (SMART, Bregman)"}
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    g = p.add_argument_group("what to train")
-    g.add_argument("--tasks", default="sst", help="comma-separated tasks: sst,qqp,sts (default: sst)")
-    g.add_argument("--out", required=True, help="output folder for the adapter set")
-    g.add_argument("--mode", choices=["lora", "heads", "full"], default=d.mode,
-                   help="lora: frozen backbone + LoRA adapters (default); heads: frozen backbone, heads only; "
-                        "full: fine-tune the whole backbone")
-    g.add_argument("--backbone", default=None, help="model folder or cached hub id (default: all-MiniLM-L6-v2)")
-    g.add_argument("--data-dir", default=None, help="folder with the task files (default: ../shared/data or data/)")
-    g.add_argument("--config", default=None, help="JSON file with TrainConfig fields; flags given override it")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr}; full mode wants ~5e-5)")
-    g.add_argument("--head-lr", type=float, default=None, help="learning rate of the heads (default: --lr)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    g.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
-                   help="auto: bf16 autocast where the CPU has native bf16, else fp32")
-    g = p.add_argument_group("model")
-    g.add_argument("--pooling", choices=["mean", "cls"], default=d.pooling)
-    g.add_argument("--quantize", choices=["int8", "nf4"], default=None,
-                   help="quantize the frozen backbone with bitsandbytes (LoRA on top); slow on CPU")
-    g.add_argument("--pair-encoding", choices=["cross", "bi"], default=d.pair_encoding)
-    g.add_argument("--max-length", type=int, default=d.max_length)
-    g.add_argument("--head-dropout", type=float, default=d.head_dropout)
-    g.add_argument("--backbone-dropout", type=float, default=d.backbone_dropout,
-                   help="dropout inside the encoder (default: the checkpoint's own, 0.1 for BERT)")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-rank", type=int, default=d.lora.rank)
-    g.add_argument("--lora-alpha", type=float, default=d.lora.alpha)
-    g.add_argument("--lora-dropout", type=float, default=d.lora.dropout)
-    g.add_argument("--lora-targets", default=d.lora.targets,
-                   help="qv | attention | all (every linear layer of each block) | comma-separated module names")
-    g.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
-    g.add_argument("--dora", action="store_true", help="DoRA weight decomposition")
-    g.add_argument("--lora-plus-ratio", type=float, default=d.lora_plus_ratio, help="LoRA+: lr(B) = ratio x lr(A)")
-    g.add_argument("--no-shared", action="store_true", help="no shared adapter: independent per-task adapters")
-    g = p.add_argument_group("multi-task")
-    g.add_argument("--sampling", default=d.sampling,
-                   help="annealed | uniform | proportional | sqrt | round-robin | staggered | sum")
-    g.add_argument("--steps-per-epoch", type=int, default=None)
-    g.add_argument("--staggered-epochs", type=int, default=d.staggered_epochs)
-    g.add_argument("--pcgrad", action="store_true", help="PCGrad on the shared adapter (needs --sampling sum)")
-    g.add_argument("--sst-loss", default=d.sst_loss, help="cross_entropy | dual | ordinal")
-    g.add_argument("--ordinal-alpha", type=float, default=d.ordinal_alpha)
-    g.add_argument("--extra-train", action="append", default=[], metavar="TASK=FILE",
-                   help="extra training rows for TASK (not counted in the sampler's N_i)")
-    g = p.add_argument_group("regularisation")
-    g.add_argument("--smart-weight", type=float, default=d.smart.weight, help="SMART lambda_s for all tasks (0: off)")
-    g.add_argument("--smart-task-weight", action="append", default=[], metavar="TASK=W", help="per-task lambda_s")
-    g.add_argument("--smart-epsilon", type=float, default=d.smart.epsilon)
-    g.add_argument("--smart-sigma", type=float, default=d.smart.sigma)
-    g.add_argument("--smart-step-size", type=float, default=d.smart.step_size)
-    g.add_argument("--smart-steps", type=int, default=d.smart.steps,
-                   help="ascent steps T (0: random perturbation only, one pass cheaper)")
-    g.add_argument("--smart-norm", choices=["inf", "l2"], default=d.smart.norm)
-    g.add_argument("--bregman-mu", type=float, default=d.smart.bregman_mu, help="Bregman proximal weight mu (0: off)")
-    g.add_argument("--bregman-beta", type=float, default=d.smart.bregman_beta)
-    g.add_argument("--simcse-epochs", type=int, default=d.simcse_epochs)
-    g.add_argument("--simcse-temperature", type=float, default=d.simcse_temperature)
-    g = p.add_argument_group("data and run control")
-    g.add_argument("--max-train-examples", type=int, default=None)
-    g.add_argument("--max-eval-examples", type=int, default=None)
-    g.add_argument("--strict", action="store_true", help="malformed rows are errors instead of being skipped")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    g.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--trace-dir", default=None, help="write rankN.jsonl: the tasks and data rows of every step")
+    """Every TrainConfig field as a flag (generated: see peft_mtl.options), plus run control."""
+    add_config_arguments(p, TrainConfig, _TRAIN_GROUPS)
+    p.add_argument("--config", default=None, help="JSON file with TrainConfig fields; flags given override it")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same flags)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _pairs(items: list[str], flag: str, cast=str) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"{flag} expects TASK=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = cast(v)
-        except ValueError:
-            raise ConfigError(f"{flag} {item!r}: {v!r} is not a valid value") from None
-    return out
-
-
-def config_from_args(args: argparse.Namespace, given: set[str]) -> TrainConfig:
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from ``--config`` (or the defaults), overridden by the flags given."""
     if args.config:
         try:
             cfg = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
@@ -113,56 +38,17 @@ def config_from_args(args: argparse.Namespace, given: set[str]) -> TrainConfig:
             raise ConfigError(f"{args.config}: cannot read the config ({err})") from None
     else:
         cfg = TrainConfig()
-
-    def take(flag: str) -> bool:  # with --config, only flags given on the command line override it
-        return not args.config or flag in given
-
-    simple = {"mode": "mode", "backbone": "backbone", "data_dir": "data_dir", "epochs": "epochs",
-              "batch_size": "batch_size", "lr": "lr", "head_lr": "head_lr", "weight_decay": "weight_decay",
-              "warmup_ratio": "warmup_ratio", "max_grad_norm": "max_grad_norm", "patience": "patience",
-              "seed": "seed", "precision": "precision", "pooling": "pooling", "pair_encoding": "pair_encoding",
-              "max_length": "max_length", "head_dropout": "head_dropout", "backbone_dropout": "backbone_dropout", "lora_plus_ratio": "lora_plus_ratio",
-              "sampling": "sampling", "steps_per_epoch": "steps_per_epoch", "staggered_epochs": "staggered_epochs",
-              "pcgrad": "pcgrad", "sst_loss": "sst_loss", "ordinal_alpha": "ordinal_alpha",
-              "simcse_epochs": "simcse_epochs", "simcse_temperature": "simcse_temperature",
-              "max_train_examples": "max_train_examples", "max_eval_examples": "max_eval_examples",
-              "checkpoint_every": "checkpoint_every", "overwrite": "overwrite", "trace_dir": "trace_dir", "quantize": "quantize"}
-    for arg, fld in simple.items():
-        if take(arg):
-            setattr(cfg, fld, getattr(args, arg))
-    cfg.out = args.out
-    if take("tasks"):
-        cfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if take("strict"):
-        cfg.strict_data = args.strict
-    if take("no_shared") and args.no_shared:
-        cfg.shared_adapter = False
-    lora = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_targets": "targets",
-            "rslora": "use_rslora", "dora": "use_dora"}
-    for arg, fld in lora.items():
-        if take(arg):
-            setattr(cfg.lora, fld, getattr(args, arg))
-    smart = {"smart_weight": "weight", "smart_epsilon": "epsilon", "smart_sigma": "sigma",
-             "smart_step_size": "step_size", "smart_steps": "steps", "smart_norm": "norm",
-             "bregman_mu": "bregman_mu", "bregman_beta": "bregman_beta"}
-    for arg, fld in smart.items():
-        if take(arg):
-            setattr(cfg.smart, fld, getattr(args, arg))
-    if args.smart_task_weight:
-        cfg.smart.task_weights = _pairs(args.smart_task_weight, "--smart-task-weight", float)
-    if args.extra_train:
-        cfg.extra_train = _pairs(args.extra_train, "--extra-train")
+    overrides = overrides_from_args(args, TrainConfig)
+    if "out" not in overrides and not args.config:
+        raise ConfigError("--out: say where the adapter set goes (e.g. --out runs/sst)")
+    apply_overrides(cfg, overrides)
     return cfg.validate()
-
-
-def _given_flags(argv: list[str]) -> set[str]:
-    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
 def cmd_train(args, argv) -> int:
     from .train import summary_line, train
 
-    cfg = config_from_args(args, _given_flags(argv))
+    cfg = config_from_args(args)
     summary = train(cfg, resume=args.resume, progress=not args.no_progress)
     if summary.get("rank", 0) == 0:  # one result line per run, not per process
         print(summary_line(summary), flush=True)

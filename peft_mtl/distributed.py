@@ -40,18 +40,25 @@ class Dist:
 
     @torch.no_grad()
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Average gradients over ranks; a parameter without a gradient contributes zeros."""
+        """Average the gradients of ``params`` over ranks, in one all-reduce.
+
+        ``params`` must be the same list on every rank (the optimiser's). A tensor without
+        a gradient contributes zeros; it gets the average if any rank had a gradient for it,
+        and stays without one otherwise (so AdamW skips it everywhere alike).
+        """
         if not self.enabled or not params:
             return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+        parts.append(torch.tensor([0.0 if p.grad is None else 1.0 for p in params]))
+        flat = torch.cat(parts)
         torch.distributed.all_reduce(flat)
         flat /= self.world
+        had_grad = flat[-len(params):]
         offset = 0
-        for p in params:
+        for i, p in enumerate(params):
             n = p.numel()
-            chunk = flat[offset:offset + n].view_as(p).to(p.dtype)
-            if p.grad is not None or chunk.abs().sum() > 0:
-                p.grad = chunk.clone()
+            if had_grad[i] > 0:
+                p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
             offset += n
 
     def gather(self, obj):
@@ -61,6 +68,14 @@ class Dist:
         out = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any (one tiny all-reduce; local when alone)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
     def barrier(self) -> None:
         if self.enabled:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import peft_compat
 from .data import EncodedSplit, iterate_batches
 from .evaluate import predictions_from_outputs, probabilities
 from .heads import pool
@@ -104,7 +105,7 @@ def routed_adapter(base: BaseModel, member: str, task: str) -> str:
         return names[0]
     combined = f"{member}{SEP}{task}{SEP}combined"
     if combined not in base.model.encoder.peft_config:
-        base.model.encoder.base_model.add_weighted_adapter(names, [1.0] * len(names), combined, combination_type="cat")
+        peft_compat.add_concatenated_adapter(base.model.encoder, names, combined)
         base.sets[member].adapter_names.append(combined)
         base.model.reset_routing()
         base.model.eval()  # new peft modules start in training mode: their LoRA dropout would be live
@@ -186,7 +187,7 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
         rows.append(enc.segments[0][0])
         names.append(routed_adapter(base, name, t))  # outside inference mode: peft fills it in place
         tasks.append(t)
-    base.model.encoder.base_model.set_adapter(list(dict.fromkeys(names)), inference_mode=True)
+    peft_compat.route_rows(base.model.encoder, names)
     base.model.reset_routing()
     inputs = pad_sequences(rows, base.pad_id)
     results: list[dict | None] = [None] * len(requests)

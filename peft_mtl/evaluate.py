@@ -66,3 +66,22 @@ def evaluate(model, splits: dict[str, EncodedSplit], batch_size: int = 128, prec
         outputs = raw_outputs(model, split, batch_size, precision, progress, pad_id, head=prefix + task)
         results[task] = score(split, predictions_from_outputs(split.task.kind, outputs))
     return results
+
+
+def evaluate_sharded(model, splits: dict[str, EncodedSplit], batch_size: int, precision: str, progress: bool,
+                     pad_id: int, dist) -> dict[str, dict[str, float]]:
+    """Dev metrics; with several processes each evaluates rows[rank::N] and outputs are gathered."""
+    if not dist.enabled:
+        return evaluate(model, splits, batch_size, precision, progress, pad_id)
+    results = {}
+    for task, split in splits.items():
+        idx = dist.shard(np.arange(len(split)))
+        part = EncodedSplit(split.task, [[seg[i] for i in idx] for seg in split.segments], split.labels[idx], 0)
+        outputs = raw_outputs(model, part, batch_size, precision, progress, pad_id) if len(part) else None
+        gathered = dist.gather((idx, outputs))
+        full = np.concatenate([o for i, o in gathered if o is not None])
+        order = np.concatenate([i for i, o in gathered if o is not None])
+        placed = np.empty_like(full)
+        placed[order] = full
+        results[task] = score(split, predictions_from_outputs(split.task.kind, placed))
+    return results

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import peft_compat
 from .adapters import load_adapter_into_existing_layers
 from .backbone import (BackboneIdentity, backbone_identity, freeze, load_encoder, load_tokenizer,
                        resolve_backbone)
@@ -139,9 +140,7 @@ class BaseModel:
     def _lora_layers(self) -> dict:
         """Module name -> LoRA layer of the shared peft model (one walk, kept until peft adds layers)."""
         if self._lora_layer_index is None:
-            from peft.tuners.lora.layer import LoraLayer
-
-            self._lora_layer_index = {n: m for n, m in self.model.encoder.named_modules() if isinstance(m, LoraLayer)}
+            self._lora_layer_index = peft_compat.lora_layers(self.model.encoder)
         return self._lora_layer_index
 
     def _load_full(self, folder: Path, name: str, manifest: dict, tasks: list[str]) -> AdapterSet:

@@ -29,6 +29,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import peft_compat
+
 ATTENTION_NAME = "peft_mtl"
 _INT16_SPAN = 65536
 
@@ -161,10 +163,12 @@ def concat_factors(layer: nn.Module, names: list[str]) -> tuple[torch.Tensor, to
     The factors are concatenated along the rank (scaling folded into B): adapters that are
     active together (shared + task) become one low-rank product.
     """
-    if len(names) == 1:
-        return layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight * layer.scaling[names[0]]
-    a = torch.cat([layer.lora_A[n].weight for n in names], dim=0)  # (r, d_in)
-    b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in names], dim=1)  # (d_out, r)
+    factors = [peft_compat.lora_factors(layer, n) for n in names]
+    if len(factors) == 1:
+        a, b, s = factors[0]
+        return a, b * s
+    a = torch.cat([a for a, _, _ in factors], dim=0)  # (r, d_in)
+    b = torch.cat([b * s for _, b, s in factors], dim=1)  # (d_out, r)
     return a, b
 
 
@@ -193,7 +197,7 @@ def _merged_bf16(layer: nn.Module, active: list[str], build: bool = True) -> tor
     """
     tensors = [layer.base_layer.weight]
     for name in active:
-        tensors += [layer.lora_A[name].weight, layer.lora_B[name].weight]
+        tensors += peft_compat.adapter_tensors(layer, name)
     key = tuple((id(t), t._version) for t in tensors) + tuple(float(layer.scaling[n]) for n in active)
     cache = layer.__dict__.setdefault("_peft_mtl_merged", {})
     if cache.get("key") != key:
@@ -207,17 +211,16 @@ def _merged_bf16(layer: nn.Module, active: list[str], build: bool = True) -> tor
 
 
 def _fusable(layer: nn.Module, kwargs: dict) -> bool:
-    if kwargs or layer.disable_adapters or layer.merged:
+    if kwargs or not peft_compat.uses_unmerged_adapters(layer):
         return False
     base = layer.base_layer
     if type(base) is not nn.Linear or base.weight.requires_grad:
         return False  # full fine-tuning or a quantized layer: peft's own path
     if not (_autocast_bf16() or base.weight.dtype == torch.bfloat16):
         return False  # fp32 compute: peft's own path, bit for bit
-    for name in layer.active_adapters:
-        if name in layer.lora_A:
-            if name in layer.lora_variant or not isinstance(layer.lora_dropout[name], nn.Identity):
-                return False  # DoRA and LoRA dropout need peft's per-adapter path
+    for name in peft_compat.active_lora_adapters(layer):
+        if not peft_compat.is_plain_lora(layer, name):
+            return False  # DoRA and LoRA dropout need peft's per-adapter path
     return True
 
 
@@ -236,7 +239,7 @@ def fused_lora_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
     if args or not _fusable(layer, kwargs):
         return type(layer).forward(layer, x, *args, **kwargs)
     x16 = _bf16_input(x)
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    active = peft_compat.active_lora_adapters(layer)
     if active and not torch.is_grad_enabled():
         # Inference: one GEMM with W + Σ s_i B_i A_i, merged once per active combination —
         # when the batch is big enough to repay the merge (a merge costs about what the
@@ -283,7 +286,7 @@ def _bf16_input(x: torch.Tensor) -> torch.Tensor:
 
 def use_fused_lora(encoder: nn.Module) -> int:
     """Route every peft LoRA ``Linear`` in ``encoder`` through :func:`fused_lora_forward`; returns how many."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
+    LoraLinear = peft_compat.lora_linear_class()
 
     if not getattr(encoder, "_peft_mtl_cast_hook", False):
         encoder.register_forward_pre_hook(lambda module, args: _last_cast.clear())

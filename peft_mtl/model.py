@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import peft_compat
 from .adapters import SHARED_ADAPTER, activate
 from .heads import pool
 from .tasks import get_task
@@ -106,14 +107,10 @@ class MultiTaskModel(nn.Module):
             # set_adapter walks every module and re-flags requires_grad on every adapter
             # (milliseconds with many sets loaded); setting the active list on the cached
             # LoRA layers is what it does for the forward pass, in microseconds.
-            for layer in self._tuner_layers:
-                layer._active_adapter = list(names)
-            self.encoder.base_model.active_adapter = list(names)
+            peft_compat.switch_active_fast(self.encoder, self._tuner_layers, list(names))
         else:
             activate(self.encoder, list(names), trainable=trainable)
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            self._tuner_layers = [m for m in self.encoder.modules() if isinstance(m, BaseTunerLayer)]
+            self._tuner_layers = peft_compat.tuner_layers(self.encoder)
         self._active, self._active_trainable = names, trainable
 
     def encode(self, inputs: dict[str, torch.Tensor], pooling: str | None = None) -> torch.Tensor:
@@ -132,4 +129,29 @@ class MultiTaskModel(nn.Module):
         return out.float()
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if f".{SHARED_ADAPTER}." in n]
+        """Trainable tensors that every task's loss reaches (what PCGrad operates on).
+
+        The shared adapter when adapters are routed; the encoder itself when it is trained
+        (full fine-tuning); none with independent adapters or heads only.
+        """
+        if self.routing:
+            return [p for n, p in self.named_parameters() if f".{SHARED_ADAPTER}." in n]
+        return [p for p in self.encoder.parameters() if p.requires_grad]
+
+
+def build_model(cfg, encoder: nn.Module, hidden_size: int) -> MultiTaskModel:
+    """The training model for ``cfg``: frozen encoder + adapters (lora), bare frozen encoder
+    (heads) or trainable encoder (full), with one head per task."""
+    from .adapters import add_adapters
+    from .backbone import freeze
+    from .heads import make_head
+
+    heads = {t: make_head(get_task(t), hidden_size, cfg.pair_encoding, cfg.head_dropout) for t in cfg.tasks}
+    if cfg.mode == "full":
+        return MultiTaskModel(encoder, heads, cfg.pooling)
+    freeze(encoder)
+    if cfg.mode == "heads":
+        return MultiTaskModel(encoder, heads, cfg.pooling)
+    shared = [SHARED_ADAPTER] if cfg.uses_shared_adapter else []
+    peft_model = add_adapters(encoder, shared + list(cfg.tasks), cfg.lora)
+    return MultiTaskModel(peft_model, heads, cfg.pooling, {t: shared + [t] for t in cfg.tasks})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,21 @@ def cpu_supports_bf16() -> bool:
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
+_warned: set[str] = set()
+
+
 def resolve_precision(precision: str) -> str:
+    """``auto`` → bf16 where the CPU has native bf16, else fp32; an explicit bf16 on a CPU
+    without it is honoured with a warning (emulated bf16 GEMMs are far slower than fp32)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
         return "bf16" if cpu_supports_bf16() else "fp32"
+    if precision == "bf16" and not cpu_supports_bf16() and "bf16" not in _warned:
+        _warned.add("bf16")
+        print("warning: --precision bf16 on a CPU without native bf16 (no AVX512-BF16/AMX in /proc/cpuinfo): "
+              "bf16 matrix products are emulated there, ~100x slower than fp32 on AVX2 CPUs; "
+              "use --precision auto or fp32", file=sys.stderr)
     return precision
 
 

@@ -25,3 +25,51 @@ def simcse_step_loss(model, inputs: dict[str, torch.Tensor], temperature: float)
     pooled = model.encode(doubled)
     n = inputs["input_ids"].shape[0]
     return simcse_loss(pooled[:n], pooled[n:], temperature)
+
+
+def run_simcse(model, cfg, train: dict, precision: str, pad_id: int, progress: bool,
+               log=lambda message: None) -> list[float]:
+    """The SimCSE stage: contrastive warm-up of the shared adapter (or the whole encoder in
+    full mode) on the training sentences of every task, before task training.
+
+    Uses at most ``cfg.simcse_max_sentences`` sentences (a seeded sample), its own AdamW,
+    and leaves every adapter trainable again for the task optimiser built after it.
+    """
+    import sys
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .adapters import SHARED_ADAPTER, activate
+    from .data import length_grouped_batches, pad_sequences
+    from .runtime import autocast
+
+    sentences = [sentence for split in train.values() for seg in split.segments for sentence in seg]
+    rng = np.random.default_rng([cfg.seed, 0x51C])
+    if len(sentences) > cfg.simcse_max_sentences:
+        sentences = [sentences[i] for i in rng.choice(len(sentences), cfg.simcse_max_sentences, replace=False)]
+    if cfg.mode == "lora":
+        activate(model.encoder, [SHARED_ADAPTER], trainable=True)
+        model.reset_routing()
+    params = [p for p in model.encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    lengths = np.array([len(s["input_ids"]) for s in sentences])
+    losses: list[float] = []
+    model.train()
+    for epoch in range(cfg.simcse_epochs):
+        batches = length_grouped_batches(lengths, cfg.batch_size, np.random.default_rng([cfg.seed, 0x51C, epoch]))
+        for idx in tqdm(batches, desc=f"simcse {epoch + 1}/{cfg.simcse_epochs}", disable=not progress,
+                        file=sys.stderr, mininterval=2.0):
+            inputs = pad_sequences([sentences[i] for i in idx], pad_id)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(precision):
+                loss = simcse_step_loss(model, inputs, cfg.simcse_temperature)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        log(f"simcse epoch {epoch + 1}: mean loss {np.mean(losses[-len(batches):]):.4f}")
+    if cfg.mode == "lora":
+        # Back to "every adapter trainable" before the task optimiser is built.
+        activate(model.encoder, list(model.encoder.peft_config), trainable=True)
+        model.reset_routing()
+    return losses

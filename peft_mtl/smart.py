@@ -18,7 +18,12 @@ perturbation alone and is exactly 0 when ε = 0.
 
 Bregman proximal point with momentum adds μ·ℓ_s(f(x; θ), f(x; θ̃_t)) to the loss, where
 θ̃_t = (1 − β) θ_t + β θ̃_{t−1} is an exponential average of past parameters; it keeps each
-update close, in output space, to where the model has recently been.
+update close, in output space, to where the model has recently been. f(x; θ̃) is computed
+with ``torch.func.functional_call``: the live parameters are never overwritten, so autograd
+(which saved them for the backward pass) and autocast's cast cache both stay valid.
+
+These are the formulas; :class:`peft_mtl.regularizers.Objective` decides when they run and
+owns their random state.
 """
 
 from __future__ import annotations
@@ -34,11 +39,14 @@ from .config import SmartSettings
 
 
 def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """KL(P‖Q) + KL(Q‖P), averaged over the batch."""
+    """KL(P‖Q) + KL(Q‖P) = Σ (p − q)(log p − log q), averaged over the batch.
+
+    The second form has no cancellation between two large sums: every term is ≥ 0, so
+    divergences of 1e-10 (an ε = 1e-5 perturbation) come out positive rather than as noise.
+    """
     log_p = F.log_softmax(logits_p.float(), dim=-1)
     log_q = F.log_softmax(logits_q.float(), dim=-1)
-    p, q = log_p.exp(), log_q.exp()
-    return ((p * (log_p - log_q)).sum(-1) + (q * (log_q - log_p)).sum(-1)).mean()
+    return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1).mean()
 
 
 def output_divergence(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -76,7 +84,8 @@ def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
 
 def smart_regularizer(forward: Callable[[list[torch.Tensor]], torch.Tensor], clean_output: torch.Tensor,
                       embeddings: list[torch.Tensor], masks: list[torch.Tensor], kind: str,
-                      settings: SmartSettings, rng_state: torch.Tensor) -> torch.Tensor:
+                      settings: SmartSettings, rng_state: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
     """R_s for one batch.
 
     Args:
@@ -85,11 +94,13 @@ def smart_regularizer(forward: Callable[[list[torch.Tensor]], torch.Tensor], cle
         embeddings: the clean embedding-layer outputs, one per encoded segment (for shapes).
         masks: attention masks per segment; padding positions are never perturbed.
         rng_state: the RNG state the clean forward started from (dropout replay).
+        generator: where the random start N(0, σ²) is drawn from (not the global RNG,
+            whose state belongs to the dropout masks).
     """
     noise = []
     for emb, mask in zip(embeddings, masks):
         m = mask.unsqueeze(-1).to(torch.float32)
-        noise.append(project(torch.randn(emb.shape, dtype=torch.float32) * settings.sigma * m,
+        noise.append(project(torch.randn(emb.shape, dtype=torch.float32, generator=generator) * settings.sigma * m,
                              settings.epsilon, settings.norm))
     target = clean_output.detach()
     for _ in range(settings.steps):
@@ -114,7 +125,8 @@ def smart_regularizer(forward: Callable[[list[torch.Tensor]], torch.Tensor], cle
 
 
 def smart_random_paired(model: nn.Module, key: str, inputs: list[dict[str, torch.Tensor]], kind: str,
-                        settings: SmartSettings) -> tuple[torch.Tensor, torch.Tensor]:
+                        settings: SmartSettings, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """SMART with T = 0 in one forward pass: (clean outputs, R_s).
 
     Without ascent steps the perturbed pass does not depend on the clean one, so the batch
@@ -129,7 +141,7 @@ def smart_random_paired(model: nn.Module, key: str, inputs: list[dict[str, torch
     noise = []
     for seg in inputs:
         m = seg["attention_mask"].unsqueeze(-1).to(torch.float32)
-        delta = project(torch.randn(*seg["input_ids"].shape, hidden) * settings.sigma * m,
+        delta = project(torch.randn(*seg["input_ids"].shape, hidden, generator=generator) * settings.sigma * m,
                         settings.epsilon, settings.norm)
         noise.append(torch.cat([torch.zeros_like(delta), delta]))
     doubled = [{k: torch.cat([v, v]) for k, v in seg.items()} for seg in inputs]
@@ -140,7 +152,11 @@ def smart_random_paired(model: nn.Module, key: str, inputs: list[dict[str, torch
 
 
 class BregmanProximal:
-    """Keeps θ̃ (an EMA of the trainable parameters) and computes μ·ℓ_s(f(x;θ), f(x;θ̃))."""
+    """θ̃ (an EMA of the trainable parameters) and the penalty μ·ℓ_s(f(x;θ), f(x;θ̃)).
+
+    Names are those of ``model.named_parameters()``; θ̃ starts equal to θ, so the penalty of
+    the first step is exactly 0 (with the same dropout masks).
+    """
 
     def __init__(self, model: nn.Module, mu: float, beta: float):
         self.mu, self.beta = mu, beta
@@ -148,20 +164,11 @@ class BregmanProximal:
         self.average = {n: p.detach().clone() for n, p in self.params.items()}
 
     @torch.no_grad()
-    def reference_output(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
-        current = {n: p.detach().clone() for n, p in self.params.items()}
-        # Autocast caches the low-precision casts of trainable leaf tensors for the whole
-        # autocast region: without clearing, this pass would reuse θ's casts, not θ̃'s, and
-        # the penalty would be exactly zero.
-        torch.clear_autocast_cache()
-        try:
-            for n, p in self.params.items():
-                p.copy_(self.average[n])
-            return forward()
-        finally:
-            for n, p in self.params.items():
-                p.copy_(current[n])
-            torch.clear_autocast_cache()
+    def reference_output(self, model: nn.Module, *args) -> torch.Tensor:
+        """``model(*args)`` with θ̃ in place of θ, leaving θ (and its autograd history) untouched."""
+        # θ̃ tensors do not require grad, so autocast never caches their casts: no stale
+        # low-precision copies of θ can leak into this pass (the bug an in-place swap had).
+        return torch.func.functional_call(model, self.average, args, strict=False, tie_weights=False)
 
     def penalty(self, kind: str, output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         return self.mu * output_divergence(kind, output, reference)
@@ -176,7 +183,8 @@ class BregmanProximal:
         return {f"bregman.{n}": t for n, t in self.average.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.average if f"bregman.{n}" not in state]
+        if missing:
+            raise KeyError(f"the checkpoint has no Bregman average for {missing[0]} (and {len(missing) - 1} more)")
         for n in self.average:
-            key = f"bregman.{n}"
-            if key in state:
-                self.average[n].copy_(state[key])
+            self.average[n].copy_(state[f"bregman.{n}"])

@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import peft_compat
 from .kernels import concat_factors
 
 
@@ -34,9 +35,8 @@ class StackedLayer:
 
 
 def _lora_linears(encoder: nn.Module) -> list[nn.Module]:
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    return [m for m in encoder.modules() if isinstance(m, LoraLinear)]
+    linear = peft_compat.lora_linear_class()
+    return [m for m in encoder.modules() if isinstance(m, linear)]
 
 
 def stack_members(encoder: nn.Module, members: list[list[str]], dtype: torch.dtype = torch.float32,
@@ -53,7 +53,7 @@ def stack_members(encoder: nn.Module, members: list[list[str]], dtype: torch.dty
         for names in members:
             present = [n for n in names if n in layer.lora_A]
             for n in present:
-                if n in getattr(layer, "lora_variant", {}):
+                if peft_compat.is_variant(layer, n):
                     raise ValueError(f"adapter {n!r} is a LoRA variant (e.g. DoRA) that cannot be stacked")
             factors.append(concat_factors(layer, present) if present else (None, None))
         if all(a is None for a, _ in factors):

@@ -82,3 +82,29 @@ def test_user_errors_are_one_line_with_exit_code_2(argv, message, capsys, tmp_pa
 def test_predict_pair_task_without_separator_explains_the_format(cli_run, capsys):
     assert main(["predict", str(cli_run), "--task", "qqp", "only one sentence"]) == 2
     assert "|||" in capsys.readouterr().err
+
+
+def test_every_config_field_is_a_train_flag_and_flags_override_a_config_file(tmp_path):
+    """Flags are generated from the dataclasses: a new field is a new flag, named in errors."""
+    import argparse
+
+    from peft_mtl.cli import _add_train_args, config_from_args
+    from peft_mtl.config import TrainConfig
+    from peft_mtl.options import config_fields, flag_for
+
+    parser = argparse.ArgumentParser()
+    _add_train_args(parser)
+    known = {a for action in parser._actions for a in action.option_strings}
+    for path, f, _ in config_fields(TrainConfig):
+        if f.metadata.get("cli", True):
+            assert flag_for(TrainConfig, path) in known, path
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"tasks": ["sst", "qqp"], "out": "x", "lr": 0.5, "lora": {"rank": 4},
+                                  "smart": {"task_weights": {"sst": 2.0}}}))
+    args = parser.parse_args(["--config", str(config), "--lr", "0.25", "--lora-alpha", "8", "--rslora",
+                              "--smart-task-weight", "qqp=1.5", "--no-shared", "--lora-layers", "0,1"])
+    cfg = config_from_args(args)
+    assert cfg.tasks == ["sst", "qqp"] and cfg.lr == 0.25 and cfg.lora.rank == 4 and cfg.lora.alpha == 8.0
+    assert cfg.lora.use_rslora and cfg.lora.layers == [0, 1] and cfg.shared_adapter is False
+    assert cfg.smart.task_weights == {"qqp": 1.5}, "a flag replaces the file's value"
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg

@@ -11,8 +11,11 @@ import torch
 from peft_mtl.backbone import load_tokenizer
 from peft_mtl.config import TrainConfig
 from peft_mtl.losses import get_loss
-from peft_mtl.train import BatchStream, StepContext, build_optimizer, build_scheduler, load_task_data, optimizer_step, \
-    run_simcse, task_loss
+from peft_mtl.data import BatchStream
+from peft_mtl.optimization import build_optimizer
+from peft_mtl.regularizers import Objective
+from peft_mtl.simcse import run_simcse
+from peft_mtl.train import load_task_data
 
 from .test_adapters import batch
 
@@ -32,7 +35,7 @@ def test_sst_loss_option_is_the_loss_training_uses(tiny_model_factory, tiny_back
     b = batch(tiny_backbone)
     cfg = TrainConfig(tasks=["sst"], sst_loss=name)
     with torch.no_grad():
-        got = task_loss(model, b, StepContext(cfg, "fp32", None)).item()
+        got = Objective(model, cfg, "fp32")(model, b).item()
         expected = get_loss(name)(model("sst", b.inputs), b.labels, alpha=cfg.ordinal_alpha).item()
     assert got == pytest.approx(expected, rel=1e-5)
 
@@ -40,25 +43,6 @@ def test_sst_loss_option_is_the_loss_training_uses(tiny_model_factory, tiny_back
 def _streams(cfg, tiny_backbone, small_data):
     train, _, sizes = load_task_data(cfg, load_tokenizer(tiny_backbone), Path(small_data))
     return {t: BatchStream(train[t], 4, 0, i, 0) for i, t in enumerate(cfg.tasks)}, sizes, train
-
-
-def test_pcgrad_changes_the_shared_update_when_tasks_conflict(tiny_model_factory, tiny_backbone, small_data):
-    updates = {}
-    for pcgrad in (False, True):
-        cfg = TrainConfig(tasks=["sst", "sts"], sampling="sum", pcgrad=pcgrad, lr=1e-2)
-        model = tiny_model_factory(cfg)
-        model.train()
-        streams, _, _ = _streams(cfg, tiny_backbone, small_data)
-        opt = build_optimizer(cfg, model)
-        sched = build_scheduler(opt, 10, 0.0)
-        before = [p.detach().clone() for p in model.shared_parameters()]
-        torch.manual_seed(0)
-        for _ in range(3):
-            optimizer_step(model, ("sst", "sts"), streams, opt, sched, StepContext(cfg, "fp32", None),
-                           np.random.default_rng(0) if pcgrad else None)
-        updates[pcgrad] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.shared_parameters(), before)])
-    assert updates[True].abs().sum() > 0
-    assert not torch.allclose(updates[True], updates[False])
 
 
 def test_simcse_trains_only_the_shared_adapter(tiny_model_factory, tiny_backbone, small_data):

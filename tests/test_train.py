@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from peft_mtl.config import ConfigError, TrainConfig
+from peft_mtl.config import ConfigError, SmartSettings, TrainConfig
 from peft_mtl.runs import MANIFEST
 from peft_mtl.train import TrainingError, train
 
@@ -93,8 +93,10 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_backbone, small_data, t
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match="'sampling'"):
+    with pytest.raises(ConfigError, match="^--sampling: unknown sampler 'random'"):
         TrainConfig(sampling="random").validate()
+    with pytest.raises(ConfigError, match="^--bregman-beta: must be in"):
+        TrainConfig(smart=SmartSettings(bregman_beta=1.0)).validate()
     with pytest.raises(ConfigError, match="unknown config field"):
         TrainConfig.from_dict({"epochz": 3})
     with pytest.raises(ConfigError, match="'epochs'"):

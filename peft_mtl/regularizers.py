@@ -1,0 +1,130 @@
+"""The training objective of one batch: task loss + λ_s·R_s (SMART) + μ·D_Breg (Bregman).
+
+:class:`Objective` is the one owner of everything these terms share and that is easy to
+get wrong when spread over a loop:
+
+* **Dropout replay.** The global RNG state at the start of the clean pass is recorded once;
+  SMART's ascent and perturbed passes and Bregman's reference pass all replay it, so each
+  term measures only what it is meant to (the perturbation; the parameter change), and R_s
+  and the Bregman penalty are exactly 0 when ε = 0 or θ̃ = θ.
+* **SMART's own noise.** The random start N(0, σ²) comes from a generator of its own, not the
+  global RNG, so drawing it cannot shift the dropout masks a replay expects; it is part of
+  the checkpoint.
+* **Precision.** bf16's spacing near 1 is 2^-7 ≈ 0.008, far above SMART's ε = 1e-5: a
+  perturbed activation cast to bf16 is the clean one. Steps with SMART therefore run in fp32
+  unless ``smart.precision = "train"``.
+* **Bregman's θ̃**, updated after every optimiser step.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .config import TrainConfig
+from .kernels import all_dropout_pairable
+from .losses import get_loss
+from .runtime import autocast
+from .smart import BregmanProximal, smart_random_paired, smart_regularizer
+from .tasks import TaskSpec, get_task
+
+# Below this ε a bf16 pass cannot see the perturbation (bf16 spacing near 1 is ~0.008).
+_BF16_VISIBLE_EPSILON = 2.0 ** -8
+
+
+def loss_name_for(cfg: TrainConfig, task: TaskSpec) -> str:
+    return cfg.sst_loss if task.name == "sst" else task.default_loss
+
+
+class Objective:
+    """Callable ``objective(model, batch) -> loss`` with SMART and Bregman as configured.
+
+    Args:
+        model: the model being trained (Bregman's θ̃ starts as a copy of its trainable tensors).
+        cfg: the run's config (losses, SMART and Bregman settings).
+        precision: the run's compute precision (``fp32`` or ``bf16``).
+        rank: process rank, so that each process draws its own SMART noise.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, precision: str, rank: int = 0):
+        self.cfg, self.smart, self.precision = cfg, cfg.smart, precision
+        self.bregman = (BregmanProximal(model, cfg.smart.bregman_mu, cfg.smart.bregman_beta)
+                        if cfg.smart.bregman_mu > 0 else None)
+        self.noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * rank + 0x5A)
+        self._pairable: bool | None = None
+        if precision == "bf16" and self.smart.precision == "train" and self.uses_smart \
+                and self.smart.epsilon < _BF16_VISIBLE_EPSILON:
+            print(f"warning: --smart-precision train with bf16 and --smart-epsilon {self.smart.epsilon:g}: bf16 "
+                  f"cannot resolve perturbations below ~{_BF16_VISIBLE_EPSILON:g}, so R_s will be ~0; "
+                  f"use --smart-precision fp32 or a larger epsilon", file=sys.stderr)
+
+    @property
+    def uses_smart(self) -> bool:
+        return any(self.smart.weight_for(t) > 0 for t in self.cfg.tasks)
+
+    def _paired_pass_possible(self, model) -> bool:
+        if self._pairable is None:  # one walk over the modules per run
+            self._pairable = all_dropout_pairable(model)
+        return self._pairable
+
+    def precision_for(self, task: str) -> str:
+        if self.smart.weight_for(task) > 0 and self.smart.precision == "fp32":
+            return "fp32"
+        return self.precision
+
+    def __call__(self, model, batch) -> torch.Tensor:
+        """The loss to minimise for ``batch``: the sum of :meth:`terms`."""
+        return sum(self.terms(model, batch).values())
+
+    def terms(self, model, batch) -> dict[str, torch.Tensor]:
+        """``{"task": ℓ, "smart": λ_s·R_s, "bregman": μ·D_Breg}``, the last two only when enabled."""
+        task = get_task(batch.task)
+        loss_fn = get_loss(loss_name_for(self.cfg, task))
+        weight = self.smart.weight_for(task.name)
+        masks = torch.get_rng_state()  # the clean pass's dropout masks, replayed by every other pass
+        terms: dict[str, torch.Tensor] = {}
+        with autocast(self.precision_for(task.name)):
+            if weight > 0 and self.smart.steps == 0 and self._paired_pass_possible(model):
+                output, reg = smart_random_paired(model, task.name, batch.inputs, task.kind, self.smart, self.noise)
+            else:
+                with model.capture_embeddings() as embeddings:
+                    output = model(task.name, batch.inputs)
+                reg = self._smart(model, task, batch, output, list(embeddings), masks) if weight > 0 else None
+            terms["task"] = loss_fn(output, batch.labels, alpha=self.cfg.ordinal_alpha)
+            if reg is not None:
+                terms["smart"] = weight * reg
+            if self.bregman is not None:
+                after = torch.get_rng_state()
+                torch.set_rng_state(masks)
+                reference = self.bregman.reference_output(model, task.name, batch.inputs)
+                torch.set_rng_state(after)
+                terms["bregman"] = self.bregman.penalty(task.kind, output, reference)
+        return terms
+
+    def _smart(self, model, task: TaskSpec, batch, output, embeddings, masks) -> torch.Tensor:
+        def perturbed(noise):
+            with model.perturbed_embeddings(noise):
+                return model(task.name, batch.inputs)
+
+        attention = [seg["attention_mask"] for seg in batch.inputs]
+        return smart_regularizer(perturbed, output, embeddings, attention, task.kind, self.smart, masks, self.noise)
+
+    def after_step(self) -> None:
+        """Move θ̃ toward the new θ (call after every optimiser step)."""
+        if self.bregman is not None:
+            self.bregman.update()
+
+    # -- checkpointing: tensors shared by every rank, random state per rank
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.bregman.state_dict() if self.bregman is not None else {}
+
+    def load_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        if self.bregman is not None:
+            self.bregman.load_state_dict(state)
+
+    def random_state(self) -> torch.Tensor:
+        return self.noise.get_state()
+
+    def load_random_state(self, state: torch.Tensor) -> None:
+        self.noise.set_state(state)
