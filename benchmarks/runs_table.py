@@ -19,7 +19,7 @@ def flags(config: dict) -> str:
     default = TrainConfig().to_dict()
     out = []
     for key in ("tasks", "mode", "epochs", "steps_per_epoch", "sampling", "pooling", "lr", "lora.rank", "lora.alpha",
-                "lora.targets", "lora.dropout", "smart.weight", "smart.steps", "smart.bregman_mu", "shared_adapter", "sst_loss",
+                "lora.targets", "lora.dropout", "smart.weight", "smart.steps", "smart.bregman_mu", "shared_adapter", "task_losses",
                 "backbone_dropout", "quantize", "precision", "max_eval_examples", "max_train_examples"):
         parts = key.split(".")
         value, base = config, default

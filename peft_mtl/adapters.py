@@ -18,13 +18,53 @@ from .options import option
 
 SHARED_ADAPTER = "shared"
 
-# Regexes (peft full-matches a string target) so the pooler's `dense` is never adapted:
-# heads read the pooled token vectors, not BERT's pooler.
-TARGET_PRESETS: dict[str, str] = {
-    "qv": r".*encoder\.layer\.\d+\.attention\.self\.(query|value)",
-    "attention": r".*encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)",
-    "all": r".*encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)",
-}
+# Presets are resolved per architecture by :func:`lora_targets`: the linear layers inside the
+# transformer blocks (never the pooler, embeddings or heads: heads read pooled token vectors).
+TARGET_PRESETS = ("qv", "attention", "all")
+# Query and value projections by their names across BERT, RoBERTa, ELECTRA (query/value),
+# DistilBERT (q_lin/v_lin), DeBERTa-v2 (query_proj/value_proj) and decoder-style names.
+_QUERY_VALUE = {"query", "value", "q_lin", "v_lin", "query_proj", "value_proj", "q_proj", "v_proj", "q", "v"}
+_ATTENTION_WORDS = ("attention", "attn")
+
+
+def transformer_blocks(encoder: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, module list) of the encoder's repeated transformer blocks, found by structure:
+    the ModuleList with one entry per hidden layer."""
+    config = getattr(encoder, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    candidates = [(n, m) for n, m in encoder.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    exact = [(n, m) for n, m in candidates if layers is not None and len(m) == layers]
+    pool = exact or candidates
+    if not pool:
+        raise ValueError(f"{type(encoder).__name__}: no transformer blocks (nn.ModuleList) found; "
+                         f"name the LoRA targets with --lora-targets module,names")
+    return max(pool, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+
+
+def lora_targets(encoder: nn.Module, preset: str, layers: list[int] | None = None) -> list[str]:
+    """Full names of the linear layers a preset adapts, for any encoder architecture.
+
+    ``all``: every ``nn.Linear`` inside the transformer blocks; ``attention``: those inside
+    the attention sub-module; ``qv``: the query and value projections.
+    """
+    prefix, blocks = transformer_blocks(encoder)
+    names = []
+    for index, block in enumerate(blocks):
+        if layers is not None and index not in layers:
+            continue
+        for sub, module in block.named_modules():
+            if not isinstance(module, nn.Linear) or not sub or ".lora_" in sub or "base_layer" in sub:
+                continue  # peft's own sub-layers, if the encoder is already wrapped
+            last = sub.rsplit(".", 1)[-1]
+            if preset == "qv" and last not in _QUERY_VALUE:
+                continue
+            if preset == "attention" and not any(w in sub.lower() for w in _ATTENTION_WORDS):
+                continue
+            names.append(f"{prefix}.{index}.{sub}" if prefix else f"{index}.{sub}")
+    if not names:
+        raise ValueError(f"--lora-targets {preset}: no matching linear layers in {type(encoder).__name__}'s blocks; "
+                         f"name them instead (--lora-targets name1,name2)")
+    return names
 
 
 @dataclass
@@ -47,26 +87,30 @@ class LoraSettings:
     layers: list[int] | None = option(None, metavar="0,1,...", help="adapt only these encoder layers (default: all)")
     extra: dict = option(factory=dict, cli=False, help="further LoraConfig arguments (config files only)")
 
-    def target_modules(self) -> str | list[str]:
+    def target_modules(self, encoder: nn.Module) -> list[str]:
+        """The modules of ``encoder`` to adapt: a preset resolved by architecture, or the names given."""
         if self.targets in TARGET_PRESETS:
-            return TARGET_PRESETS[self.targets]
-        return [t.strip() for t in self.targets.split(",") if t.strip()]
+            return lora_targets(encoder, self.targets, self.layers)
+        names = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if self.layers is None:
+            return names
+        prefix, _ = transformer_blocks(encoder)
+        return [n for n, _ in encoder.named_modules() if any(n.endswith("." + t) or n == t for t in names)
+                and any(n.startswith(f"{prefix}.{i}.") for i in self.layers)]
 
-    def to_peft(self):
+    def to_peft(self, targets: list[str]):
+        """peft's LoraConfig for these settings on ``targets`` (from :meth:`target_modules`)."""
         from peft import LoraConfig
 
         kwargs = dict(
             r=self.rank,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
-            target_modules=self.target_modules(),
+            target_modules=list(targets),
             use_rslora=self.use_rslora,
             use_dora=self.use_dora,
             bias="none",
         )
-        if self.layers is not None:
-            kwargs["layers_to_transform"] = list(self.layers)
-            kwargs["layers_pattern"] = "layer"
         kwargs.update(self.extra)
         return LoraConfig(**kwargs)
 
@@ -83,10 +127,10 @@ def add_adapters(encoder: nn.Module, names: list[str], settings: LoraSettings) -
 
     if not names:
         raise ValueError("add_adapters needs at least one adapter name")
-    config = settings.to_peft()
-    peft_model = get_peft_model(encoder, config, adapter_name=names[0])
+    targets = settings.target_modules(encoder)  # before wrapping: peft adds linear sub-layers
+    peft_model = get_peft_model(encoder, settings.to_peft(targets), adapter_name=names[0])
     for name in names[1:]:
-        peft_model.add_adapter(name, settings.to_peft())
+        peft_model.add_adapter(name, settings.to_peft(targets))
     # Make every adapter trainable once, before any optimizer is built.
     peft_model.base_model.set_adapter(list(names))
     use_fused_lora(peft_model)

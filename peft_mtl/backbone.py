@@ -110,10 +110,19 @@ def load_encoder(path: Path, attn_implementation: str | None = None) -> nn.Modul
     from .kernels import register_attention, use_fast_dropout
 
     hf_logging.disable_progress_bar()
-    attn_implementation = attn_implementation or register_attention()
+    requested = attn_implementation or register_attention()
     try:
         model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
-                                          attn_implementation=attn_implementation)
+                                          attn_implementation=requested)
+    except ValueError as err:
+        if attn_implementation is not None or "attn" not in str(err).lower() and "attention" not in str(err).lower():
+            raise BackboneError(f"{path}: cannot load the encoder ({type(err).__name__}: {err})") from None
+        # Architectures with their own attention (DeBERTa-v2's disentangled attention) do
+        # not take a registered attention function: they keep theirs, nothing else changes.
+        try:
+            model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        except Exception as err2:
+            raise BackboneError(f"{path}: cannot load the encoder ({type(err2).__name__}: {err2})") from None
     except Exception as err:
         raise BackboneError(f"{path}: cannot load the encoder ({type(err).__name__}: {err})") from None
     if not hasattr(model, "embeddings"):
@@ -211,7 +220,7 @@ def set_dropout(encoder: nn.Module, probability: float) -> None:
     for module in encoder.modules():
         if isinstance(module, nn.Dropout):
             module.p = probability
-    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
         if hasattr(encoder.config, name):
             setattr(encoder.config, name, probability)
 

@@ -92,8 +92,8 @@ def _our_training_step(cfg, splits, batch_size: int, seed: int = 0):
     scheduler = build_scheduler(optimizer, 10_000, 0.0)
     objective = Objective(model, cfg, resolve_precision(cfg.precision))
     training_step = TrainingStep(model, objective, optimizer, scheduler, cfg.max_grad_norm)
-    streams = {t: BatchStream(splits[t], batch_size, seed, i, 0) for i, t in enumerate(cfg.tasks)}
-    task_cycle = list(cfg.tasks)
+    streams = {t: BatchStream(splits[t], batch_size, seed, i, 0) for i, t in enumerate(cfg.task_names)}
+    task_cycle = list(cfg.task_names)
     counter = {"i": 0}
 
     def step():
@@ -134,7 +134,7 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
     def train_rate(cfg, label: str) -> dict:
         log(f"bench: training {label}")
         gc.collect()
-        model, step = _our_training_step(cfg, {t: train_enc for t in cfg.tasks}, batch)
+        model, step = _our_training_step(cfg, {t: train_enc for t in cfg.task_names}, batch)
         seconds = median_time(lambda: [step() for _ in range(steps)], repeats, 1) / steps
         flops = step_flops(step)
         del model

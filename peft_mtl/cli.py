@@ -58,13 +58,13 @@ def cmd_train(args, argv) -> int:
 def _load_eval_splits(tasks: list[str], data_dir: str | None, split: str, strict: bool, base, set_name: str):
     """Encoded labelled splits, tokenised the way ``set_name`` was trained (length, pair encoding)."""
     from .data import default_data_dir, encode_split, load_split, task_file
-    from .tasks import get_task
 
     folder = Path(data_dir) if data_dir else default_data_dir()
     aset = base.sets[set_name]
     encoded = {}
     for t in tasks:
-        loaded = load_split(task_file(folder, get_task(t), split), get_task(t), strict=strict)
+        spec = base.spec(t, set_name)  # as saved with the set: file tasks load without their task file
+        loaded = load_split(task_file(folder, spec, split), spec, strict=strict)
         if loaded.skip_report():
             print(loaded.skip_report(), file=sys.stderr)
         encoded[t] = encode_split(loaded, base.tokenizer, aset.max_length, aset.pair_encoding)
@@ -83,8 +83,8 @@ def cmd_eval(args, argv) -> int:
     result: dict = {}
     for t, enc in splits.items():
         outputs = base.outputs(t, enc, name, progress=not args.no_progress)
-        result[t] = score(enc, predictions_from_outputs(enc.task.kind, outputs))
-    overall = overall_score(result)
+        result[t] = score(enc, predictions_from_outputs(enc.task, outputs))
+    overall = overall_score(result, {t: base.spec(t, name).primary_metric for t in result})
     if overall is not None:
         result["overall"] = overall
     print(json.dumps(result))
@@ -93,9 +93,9 @@ def cmd_eval(args, argv) -> int:
 
 def cmd_predict(args, argv) -> int:
     from .inference import load_adapters
-    from .tasks import get_task
 
-    task = get_task(args.task)
+    base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision)
+    task = base.spec(args.task)
     inputs: list = []
     if args.pairs_file:
         with open(args.pairs_file, encoding="utf-8") as f:
@@ -112,7 +112,6 @@ def cmd_predict(args, argv) -> int:
         inputs.extend(texts)
     if not inputs:
         raise ValueError("nothing to predict: give sentences as arguments or --pairs-file")
-    base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision)
     for inp, pred in zip(inputs, base.predict(task.name, inputs)):
         print(json.dumps({"input": inp if isinstance(inp, str) else list(inp), **pred}))
     return 0
@@ -132,7 +131,8 @@ def cmd_ensemble(args, argv) -> int:
     backbone = args.backbone or read_manifest(folders[0]).get("backbone_source")
     base = load_base(backbone, precision=args.precision)
     names = [base.load(f, name=f"m{i}") for i, f in enumerate(folders)]
-    tasks = sorted(set.intersection(*(set(base.sets[n].tasks) for n in names)), key=["sst", "qqp", "sts"].index)
+    shared_tasks = set.intersection(*(set(base.sets[n].tasks) for n in names))
+    tasks = [t for t in base.sets[names[0]].tasks if t in shared_tasks]  # the first member's order
     if not tasks:
         raise ValueError("the folders share no task; an ensemble needs members that predict the same task")
     # Members tokenised differently (max length, cross vs bi encoding) each get their own encoding.
@@ -149,14 +149,15 @@ def cmd_ensemble(args, argv) -> int:
         else:
             outs = [member_outputs(base, t, splits_by_layout[layouts[n]][t], [n])[0] for n in names]
         for n, o in zip(names, outs):
-            members_result[n][t] = score(enc, predictions_from_outputs(enc.task.kind, o))
+            members_result[n][t] = score(enc, predictions_from_outputs(enc.task, o))
         method = args.method if enc.task.kind == "classification" else args.regression_method
-        result[t] = score(enc, ensemble_predictions(enc.task.kind, combine(enc.task.kind, outs, weights, method)))
-    overall = overall_score(result)
+        result[t] = score(enc, ensemble_predictions(enc.task, combine(enc.task.kind, outs, weights, method)))
+    primary = {t: base.spec(t, names[0]).primary_metric for t in tasks}
+    overall = overall_score(result, primary)
     if overall is not None:
         result["overall"] = overall
     for n, f in zip(names, folders):
-        o = overall_score(members_result[n])
+        o = overall_score(members_result[n], primary)
         shown = " ".join(f"{t} {k} {v:.4f}" for t, m in members_result[n].items() for k, v in m.items())
         print(f"member {f}: {shown}" + (f" overall {o:.4f}" if o is not None else ""), file=sys.stderr)
     if args.record:
@@ -180,6 +181,32 @@ def _write_ensemble_record(path: Path, folders: list[Path], base, names: list[st
         "bytes_on_disk": sum(folder_bytes(f) for f in folders),
         "train_seconds": sum(m.get("train_seconds") or 0 for m in manifests),
         "command": "peft-mtl " + " ".join(sys.argv[1:]) if sys.argv else None})
+
+
+def cmd_tasks(args, argv) -> int:
+    """List the built-in tasks, or validate task files (labels inferred, every split read)."""
+    from .data import load_split
+    from .tasks import TASKS, builtin_task_files, resolve_tasks
+
+    if not args.files:
+        for f in builtin_task_files():
+            spec = TASKS[f.stem]
+            print(json.dumps({"name": spec.name, "type": spec.kind, "text": list(spec.text_columns),
+                              "labels": list(spec.labels) if spec.labels else None, "metrics": list(spec.metrics),
+                              "loss": spec.loss, "files": spec.files, "description": spec.description}))
+        return 0
+    for spec in resolve_tasks(list(args.files), args.strict):
+        splits = {}
+        for split in ("train", "dev", "test"):
+            if split in spec.files:
+                loaded = load_split(spec.file_for(split), spec, strict=args.strict)
+                if loaded.skip_report():
+                    print(loaded.skip_report(), file=sys.stderr)
+                splits[split] = len(loaded.examples)
+        print(json.dumps({"file": spec.source, "name": spec.name, "type": spec.kind,
+                          "labels": list(spec.labels) if spec.labels else None, "metrics": list(spec.metrics),
+                          "rows": splits, "valid": True}))
+    return 0
 
 
 def cmd_report(args, argv) -> int:
@@ -251,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("tasks", help="list the built-in tasks, or validate task files (one JSON line each)")
+    p.add_argument("files", nargs="*", help="task files (YAML or JSON) to validate")
+    p.add_argument("--strict", action="store_true", help="malformed rows are errors")
+    p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("report", help="table + plot of trainable parameters vs score over saved runs")
     p.add_argument("runs", nargs="*", help="folders to scan for runs and *.ensemble.json records (default: adapters reports)")

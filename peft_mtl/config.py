@@ -65,7 +65,8 @@ class SmartSettings:
 class TrainConfig:
     """Everything a training run needs. Saved as JSON next to its outputs."""
 
-    tasks: list[str] = option(factory=lambda: ["sst"], metavar="T1,T2", help="comma-separated tasks: sst,qqp,sts")
+    tasks: list[str] = option(factory=lambda: ["sst"], metavar="T1,T2",
+                              help="comma-separated built-in tasks (sst,qqp,sts) and/or task files (tasks/intent.yaml)")
     out: str = option("adapters/run", show_default=False, help="output folder for the adapter set (required)")
     mode: str = option("lora", choices=MODES,
                        help="lora: frozen backbone + LoRA adapters; heads: frozen backbone, heads only; "
@@ -96,8 +97,13 @@ class TrainConfig:
     sampling: str = option("uniform", help="which task each step trains: annealed | uniform | proportional | sqrt "
                                            "| round-robin | staggered | sum (every task every step)")
     steps_per_epoch: int | None = option(None, help="optimiser steps per epoch (default: one pass over the data)")
-    staggered_epochs: int = option(1, help="staggered sampling: epochs of QQP alone before round-robin")
-    sst_loss: str = option("cross_entropy", help="SST loss: cross_entropy | dual | ordinal")
+    staggered_epochs: int = option(1, help="staggered sampling: epochs of the first task alone before round-robin")
+    staggered_first: str | None = option(None, metavar="TASK",
+                                         help="staggered sampling: the task trained alone first (default: the one "
+                                              "with the most training rows, QQP for the built-in three)")
+    task_losses: dict[str, str] = option(factory=dict, flag="--task-loss", metavar="TASK=LOSS",
+                                         help="loss for TASK instead of its task file's, repeatable: cross_entropy | "
+                                              "dual | ordinal | mse (e.g. sst=ordinal)")
     ordinal_alpha: float = option(1.5, help="exponent of the ordinal loss")
     pcgrad: bool = option(False, help="PCGrad on the parameters tasks share (needs --sampling sum)")
     simcse_epochs: int = option(0, help="unsupervised SimCSE warm-up epochs of the shared adapter (0: off)")
@@ -123,7 +129,7 @@ class TrainConfig:
         """Check every field and every combination; raise ConfigError naming the flags."""
         from .losses import LOSSES
         from .sampling import SAMPLERS
-        from .tasks import TASKS
+        from .tasks import TASKS, is_task_file, resolve_tasks
 
         def flag(path: str) -> str:
             return flag_for(TrainConfig, path)
@@ -134,10 +140,12 @@ class TrainConfig:
         if not self.tasks:
             fail("tasks", "name at least one task")
         for t in self.tasks:
-            if t not in TASKS:
-                fail("tasks", f"unknown task {t!r}; known: {', '.join(sorted(TASKS))}")
+            if not is_task_file(t) and t not in TASKS:
+                fail("tasks", f"unknown task {t!r}; known: {', '.join(sorted(TASKS))} (or a task file: "
+                              f"path/to/task.yaml)")
         if len(set(self.tasks)) != len(self.tasks):
             fail("tasks", "a task is listed twice")
+        names = [spec.name for spec in resolve_tasks(self.tasks, self.strict_data)]
         for path, allowed in (("mode", MODES), ("pair_encoding", PAIR_ENCODINGS), ("pooling", ("mean", "cls")),
                               ("precision", PRECISIONS), ("smart.norm", ("inf", "l2")),
                               ("smart.precision", SMART_PRECISIONS)):
@@ -147,8 +155,13 @@ class TrainConfig:
                 fail(path, f"must be one of {', '.join(allowed)}, got {value!r}")
         if self.sampling not in SAMPLERS:
             fail("sampling", f"unknown sampler {self.sampling!r}; known: {', '.join(sorted(SAMPLERS))}")
-        if self.sst_loss not in LOSSES:
-            fail("sst_loss", f"unknown loss {self.sst_loss!r}; known: {', '.join(sorted(LOSSES))}")
+        for t, loss in self.task_losses.items():
+            if t not in names:
+                fail("task_losses", f"task {t!r} is not being trained (tasks: {', '.join(names)})")
+            if loss not in LOSSES:
+                fail("task_losses", f"unknown loss {loss!r}; known: {', '.join(sorted(LOSSES))}")
+        if self.staggered_first is not None and self.staggered_first not in names:
+            fail("staggered_first", f"task {self.staggered_first!r} is not being trained (tasks: {', '.join(names)})")
         for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "simcse_max_sentences"):
             if getattr(self, name) < 1:
                 fail(name, "must be at least 1")
@@ -179,11 +192,11 @@ class TrainConfig:
         if not 0 <= self.smart.bregman_beta < 1:
             fail("smart.bregman_beta", "must be in [0, 1)")
         for t in self.smart.task_weights:
-            if t not in self.tasks:
-                fail("smart.task_weights", f"task {t!r} is not being trained (--tasks {','.join(self.tasks)})")
+            if t not in names:
+                fail("smart.task_weights", f"task {t!r} is not being trained (tasks: {', '.join(names)})")
         for t in self.extra_train:
-            if t not in self.tasks:
-                fail("extra_train", f"task {t!r} is not being trained (--tasks {','.join(self.tasks)})")
+            if t not in names:
+                fail("extra_train", f"task {t!r} is not being trained (tasks: {', '.join(names)})")
         # Combinations: each refusal names both flags and what to do instead.
         if self.shared_adapter is not None and self.mode != "lora":
             what = "trains one encoder that every task shares" if self.mode == "full" else "trains no adapters"
@@ -204,6 +217,11 @@ class TrainConfig:
         return self
 
     @property
+    def task_names(self) -> list[str]:
+        """The tasks' names (a task file's ``name:``), in the order given; call after validate()."""
+        return [t if not is_task_file(t) else get_task_file_name(t) for t in self.tasks]
+
+    @property
     def uses_shared_adapter(self) -> bool:
         if self.mode != "lora":
             return False
@@ -215,11 +233,28 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Rebuild a config; unknown or ill-typed fields are errors, not silently dropped."""
+        data = dict(data)
+        if "sst_loss" in data:  # configs saved before task files: the SST loss had a field of its own
+            loss = data.pop("sst_loss")
+            if loss != "cross_entropy":
+                data.setdefault("task_losses", {})["sst"] = loss
         return _build(cls, data, "")
 
     def changed_for_resume(self, saved: "TrainConfig") -> list[str]:
         """Flags whose values differ from an interrupted run's config (run-control fields aside)."""
         return [flag_for(TrainConfig, p) for p in differences(saved, self, RUN_CONTROL_FIELDS)]
+
+
+def get_task_file_name(path: str) -> str:
+    from .tasks import read_task_file
+
+    return str(read_task_file(path).get("name"))
+
+
+def is_task_file(item: str) -> bool:
+    from .tasks import is_task_file as check
+
+    return check(item)
 
 
 def _build(cls, data: dict[str, Any], prefix: str):

@@ -29,7 +29,7 @@ from .heads import pool
 from .inference import SEP, BaseModel
 from .runtime import autocast
 from .stacked import stack_members, stacked_lora
-from .tasks import get_task
+from .tasks import TaskSpec
 
 CLASSIFICATION_METHODS = ("mean", "vote")
 REGRESSION_METHODS = ("mean", "median")
@@ -66,10 +66,10 @@ def combine(kind: str, member_outputs: list[np.ndarray], weights: list[float] | 
     raise ValueError(f"regression ensembles use {REGRESSION_METHODS}, not {method!r}")
 
 
-def ensemble_predictions(kind: str, combined: np.ndarray) -> np.ndarray:
-    if kind == "classification":
+def ensemble_predictions(task: TaskSpec, combined: np.ndarray) -> np.ndarray:
+    if task.kind == "classification":
         return combined.argmax(-1)
-    return predictions_from_outputs(kind, combined)
+    return predictions_from_outputs(task, combined)
 
 
 def member_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str],
@@ -114,7 +114,7 @@ def routed_adapter(base: BaseModel, member: str, task: str) -> str:
 
 def _batched_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str], batch_size: int,
                      progress: bool) -> list[np.ndarray]:
-    spec = get_task(task)
+    spec = base.spec(task, members[0])
     keys = [f"{m}{SEP}{task}" for m in members]
     heads = [base.model.heads[key] for key in keys]
     poolings = [base.model.head_pooling.get(key, "mean") for key in keys]
@@ -183,7 +183,7 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
         return [base.predict(t, [x], name)[0] for t, x in requests]
     rows, names, tasks = [], [], []
     for t, x in requests:
-        enc = encode_texts(get_task(t), [x], base.tokenizer, aset.max_length, aset.pair_encoding)
+        enc = encode_texts(base.spec(t, name), [x], base.tokenizer, aset.max_length, aset.pair_encoding)
         rows.append(enc.segments[0][0])
         names.append(routed_adapter(base, name, t))  # outside inference mode: peft fills it in place
         tasks.append(t)
@@ -198,9 +198,9 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
             key = f"{name}{SEP}{t}"
             pooled = pool(hidden[idx], inputs["attention_mask"][idx], base.model.head_pooling.get(key, "mean"))
             out = base.model.heads[key]([pooled]).float()
-            if get_task(t).kind == "regression":
+            if base.spec(t, name).kind == "regression":
                 out = out.squeeze(-1)
-            for i, pred in zip(idx, format_predictions(get_task(t).kind, out.numpy())):
+            for i, pred in zip(idx, format_predictions(base.spec(t, name), out.numpy())):
                 results[i] = pred
     return results  # type: ignore[return-value]
 
@@ -208,9 +208,10 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
 def ensemble_predict(base: BaseModel, task: str, inputs, members: list[str], weights: list[float] | None = None,
                      method: str = "mean", batched: bool | None = None) -> list[dict]:
     """Ensemble prediction for raw inputs: ``{"label", "probabilities"}`` or ``{"score"}`` per input."""
-    spec = get_task(task)
+    spec = base.spec(task, members[0])
     encoded = base.encode(task, inputs, members[0])
     combined = combine(spec.kind, member_outputs(base, task, encoded, members, batched), weights, method)
     if spec.kind == "classification":
-        return [{"label": int(p.argmax()), "probabilities": [round(float(x), 6) for x in p]} for p in combined]
-    return [{"score": float(s)} for s in ensemble_predictions(spec.kind, combined)]
+        return [{"label": spec.label_of(int(p.argmax())), "probabilities": [round(float(x), 6) for x in p]}
+                for p in combined]
+    return [{"score": float(s)} for s in ensemble_predictions(spec, combined)]

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from .data import EncodedSplit, iterate_batches
 from .metrics import METRICS
 from .runtime import autocast
+from .tasks import TaskSpec
 
 
 @torch.inference_mode()
@@ -42,10 +43,13 @@ def raw_outputs(model, split: EncodedSplit, batch_size: int = 128, precision: st
     return result
 
 
-def predictions_from_outputs(kind: str, outputs: np.ndarray) -> np.ndarray:
-    if kind == "classification":
+def predictions_from_outputs(task: TaskSpec, outputs: np.ndarray) -> np.ndarray:
+    """Class ids (argmax), or scores clipped to the task's ``output_range`` (clipping only helps)."""
+    if task.kind == "classification":
         return outputs.argmax(-1)
-    return np.clip(outputs, 0.0, 5.0)  # STS scores live in 0..5; clipping only helps at evaluation
+    if task.output_range is not None:
+        return np.clip(outputs, *task.output_range)
+    return outputs
 
 
 def probabilities(outputs: np.ndarray) -> np.ndarray:
@@ -55,8 +59,8 @@ def probabilities(outputs: np.ndarray) -> np.ndarray:
 
 
 def score(split: EncodedSplit, predictions: np.ndarray) -> dict[str, float]:
-    metric = split.task.metric
-    return {metric: METRICS[metric](predictions, split.labels)}
+    """Every metric of the task (its primary one first)."""
+    return {m: METRICS[m].fn(predictions, split.labels) for m in split.task.metrics}
 
 
 def evaluate(model, splits: dict[str, EncodedSplit], batch_size: int = 128, precision: str = "fp32",
@@ -64,7 +68,7 @@ def evaluate(model, splits: dict[str, EncodedSplit], batch_size: int = 128, prec
     results = {}
     for task, split in splits.items():
         outputs = raw_outputs(model, split, batch_size, precision, progress, pad_id, head=prefix + task)
-        results[task] = score(split, predictions_from_outputs(split.task.kind, outputs))
+        results[task] = score(split, predictions_from_outputs(split.task, outputs))
     return results
 
 
@@ -83,5 +87,5 @@ def evaluate_sharded(model, splits: dict[str, EncodedSplit], batch_size: int, pr
         order = np.concatenate([i for i, o in gathered if o is not None])
         placed = np.empty_like(full)
         placed[order] = full
-        results[task] = score(split, predictions_from_outputs(split.task.kind, placed))
+        results[task] = score(split, predictions_from_outputs(split.task, placed))
     return results

@@ -35,10 +35,11 @@ class TaskHead(nn.Module):
     """Dropout + linear layer on one pooled vector (or on ``[u, v, |u-v|]`` for bi-encoded pairs)."""
 
     def __init__(self, hidden_size: int, outputs: int, pair_encoding: str = "cross", dropout: float = 0.1,
-                 cosine: bool = False):
+                 cosine: bool = False, cosine_scale: float = 5.0):
         super().__init__()
         self.pair_encoding = pair_encoding
         self.cosine = cosine
+        self.cosine_scale = cosine_scale  # cosine 1 maps to the top of the task's output range
         self.dropout = FastDropout(dropout)
         in_features = hidden_size * 3 if pair_encoding == "bi" and not cosine else hidden_size
         # A cosine head has no weights of its own: the encoder learns the geometry.
@@ -52,7 +53,7 @@ class TaskHead(nn.Module):
         if self.pair_encoding == "bi":
             u, v = pooled
             if self.cosine:
-                return 5.0 * F.cosine_similarity(u.float(), v.float(), dim=-1).unsqueeze(-1)
+                return self.cosine_scale * F.cosine_similarity(u.float(), v.float(), dim=-1).unsqueeze(-1)
             features = torch.cat([u, v, (u - v).abs()], dim=-1)
         else:
             (features,) = pooled
@@ -61,5 +62,6 @@ class TaskHead(nn.Module):
 
 def make_head(task: TaskSpec, hidden_size: int, pair_encoding: str = "cross", dropout: float = 0.1) -> TaskHead:
     bi = task.is_pair and pair_encoding == "bi"
+    scale = task.output_range[1] if task.output_range else 1.0
     return TaskHead(hidden_size, task.head_outputs, pair_encoding="bi" if bi else "cross", dropout=dropout,
-                    cosine=bi and task.kind == "regression")
+                    cosine=bi and task.kind == "regression", cosine_scale=scale)

@@ -14,7 +14,7 @@ and are held separately.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -29,10 +29,10 @@ from .data import EncodedSplit, encode_texts
 from .evaluate import predictions_from_outputs, probabilities, raw_outputs
 from .kernels import use_fused_lora
 from .model import MultiTaskModel
-from .runs import (AdapterError, build_head, check_adapter_files, check_backbone, load_head_weights,
+from .runs import (MANIFEST, AdapterError, build_head, check_adapter_files, check_backbone, load_head_weights,
                    read_manifest)
 from .runtime import configure_threads, resolve_precision
-from .tasks import get_task
+from .tasks import TaskSpec, get_task
 
 SEP = "__"
 
@@ -47,6 +47,7 @@ class AdapterSet:
     tasks: list[str]
     adapter_names: list[str]  # names inside the shared peft model
     model: MultiTaskModel | None = None  # only for full fine-tuned sets (own encoder)
+    specs: dict[str, TaskSpec] = field(default_factory=dict)  # its tasks, as saved with it
 
     @property
     def max_length(self) -> int:
@@ -86,18 +87,22 @@ class BaseModel:
             raise ValueError(f"a set named {name!r} is already loaded; unload it or pick another name")
         check_backbone(folder, manifest, self.identity)
         tasks = list(manifest["tasks"])
-        for t in tasks:
-            get_task(t)
+        specs = saved_task_specs(folder, manifest)
         if manifest["mode"] == "full":
             self.sets[name] = self._load_full(folder, name, manifest, tasks)
         else:
-            self.sets[name] = self._load_adapters(folder, name, manifest, tasks)
+            self.sets[name] = self._load_adapters(folder, name, manifest, tasks, specs)
+        self.sets[name].specs = specs
+        for t, spec in specs.items():
+            head_key = t if self.sets[name].model is not None else f"{name}{SEP}{t}"
+            (self.sets[name].model or self.model).head_specs[head_key] = spec
         if self.active is None:
             self.active = name
         self.stack_cache.clear()
         return name
 
-    def _load_adapters(self, folder: Path, name: str, manifest: dict, tasks: list[str]) -> AdapterSet:
+    def _load_adapters(self, folder: Path, name: str, manifest: dict, tasks: list[str],
+                       specs: dict[str, TaskSpec]) -> AdapterSet:
         from peft import PeftModel
 
         loaded: list[str] = []
@@ -165,6 +170,7 @@ class BaseModel:
                 del self.model.heads[key]
             self.model.routing.pop(key, None)
             self.model.head_tasks.pop(key, None)
+            self.model.head_specs.pop(key, None)
         self.model.reset_routing()
         self.stack_cache.clear()
         del self.sets[name]
@@ -198,9 +204,15 @@ class BaseModel:
 
     # -- prediction -----------------------------------------------------------------
 
+    def spec(self, task: str, adapters: str | None = None) -> TaskSpec:
+        """The task as the set ``adapters`` was trained on it (labels, metrics, output range)."""
+        aset = self._get(adapters)
+        self._key(aset, task)  # a clear error if the set has no such task
+        return aset.specs[task]
+
     def encode(self, task: str, inputs: Sequence[str | Sequence[str]], adapters: str | None = None) -> EncodedSplit:
         aset = self._get(adapters)
-        return encode_texts(get_task(task), inputs, self.tokenizer, aset.max_length, aset.pair_encoding)
+        return encode_texts(self.spec(task, adapters), inputs, self.tokenizer, aset.max_length, aset.pair_encoding)
 
     def outputs(self, task: str, encoded: EncodedSplit, adapters: str | None = None, batch_size: int = 128,
                 progress: bool = False) -> np.ndarray:
@@ -213,21 +225,44 @@ class BaseModel:
 
     def predict(self, task: str, inputs: Sequence[str | Sequence[str]], adapters: str | None = None,
                 batch_size: int = 128) -> list[dict]:
-        """Predict ``task`` for sentences (or (a, b) pairs): ``{"label", "probabilities"}`` or ``{"score"}``."""
+        """Predict ``task`` for sentences (or (a, b) pairs): ``{"label", "probabilities"}`` or ``{"score"}``.
+
+        ``label`` is the class's name when the task's labels have names, else its index."""
         encoded = self.encode(task, inputs, adapters)
         out = self.outputs(task, encoded, adapters, batch_size)
-        return format_predictions(get_task(task).kind, out)
+        return format_predictions(self.spec(task, adapters), out)
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id or 0
 
 
-def format_predictions(kind: str, outputs: np.ndarray) -> list[dict]:
-    if kind == "classification":
+def format_predictions(task: TaskSpec, outputs: np.ndarray) -> list[dict]:
+    """Raw outputs → ``{"label", "probabilities"}`` (probabilities in class order) or ``{"score"}``."""
+    if task.kind == "classification":
         probs = probabilities(outputs)
-        return [{"label": int(p.argmax()), "probabilities": [round(float(x), 6) for x in p]} for p in probs]
-    return [{"score": float(s)} for s in predictions_from_outputs(kind, outputs)]
+        return [{"label": task.label_of(int(p.argmax())), "probabilities": [round(float(x), 6) for x in p]}
+                for p in probs]
+    return [{"score": float(s)} for s in predictions_from_outputs(task, outputs)]
+
+
+def saved_task_specs(folder: Path, manifest: dict) -> dict[str, TaskSpec]:
+    """The tasks of a saved set: from its manifest (self-describing), else the built-in registry."""
+    saved = manifest.get("task_specs") or {}
+    specs = {}
+    for t in manifest["tasks"]:
+        if t in saved:
+            try:
+                specs[t] = TaskSpec.from_dict(saved[t])
+            except (KeyError, TypeError) as err:
+                raise AdapterError(f"{folder / MANIFEST}: task {t!r} is saved incompletely ({err}).") from None
+        else:
+            try:
+                specs[t] = get_task(t)
+            except KeyError:
+                raise AdapterError(f"{folder}: task {t!r} is neither saved in the folder nor built in; "
+                                   f"retrain with this peft_mtl version") from None
+    return specs
 
 
 def load_base(backbone: str | None = None, precision: str = "auto") -> BaseModel:

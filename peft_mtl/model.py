@@ -43,6 +43,8 @@ class MultiTaskModel(nn.Module):
         self.routing = dict(routing or {})
         self.head_tasks = {k: (head_tasks or {}).get(k, k) for k in heads}
         self.head_pooling = dict(head_pooling or {})
+        # head key -> TaskSpec, where a loaded set brought its own (tasks from task files)
+        self.head_specs: dict = {}
         self._noise: list[torch.Tensor] | None = None
         self._captured: list[torch.Tensor] | None = None
         self._active: tuple[str, ...] | None = None
@@ -113,9 +115,21 @@ class MultiTaskModel(nn.Module):
             self._tuner_layers = peft_compat.tuner_layers(self.encoder)
         self._active, self._active_trainable = names, trainable
 
+    @property
+    def uses_token_types(self) -> bool:
+        """Whether the encoder takes segment ids: not DistilBERT (no such input), not RoBERTa or
+        DeBERTa-v2 (one or no segment embedding), where a second segment's 1s would be out of range."""
+        if "_uses_token_types" not in self.__dict__:
+            base = self.encoder.get_base_model() if hasattr(self.encoder, "get_base_model") else self.encoder
+            import inspect
+
+            takes = "token_type_ids" in inspect.signature(base.forward).parameters
+            self.__dict__["_uses_token_types"] = takes and getattr(base.config, "type_vocab_size", 2) >= 2
+        return self.__dict__["_uses_token_types"]
+
     def encode(self, inputs: dict[str, torch.Tensor], pooling: str | None = None) -> torch.Tensor:
-        out = self.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                           token_type_ids=inputs["token_type_ids"])
+        extra = {"token_type_ids": inputs["token_type_ids"]} if self.uses_token_types else {}
+        out = self.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra)
         return pool(out.last_hidden_state, inputs["attention_mask"], pooling or self.pooling)
 
     def forward(self, key: str, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -124,7 +138,8 @@ class MultiTaskModel(nn.Module):
         pooling = self.head_pooling.get(key, self.pooling)
         pooled = [self.encode(segment, pooling) for segment in inputs]
         out = self.heads[key](pooled)
-        if get_task(self.head_tasks[key]).kind == "regression":
+        spec = self.head_specs.get(key) or get_task(self.head_tasks[key])
+        if spec.kind == "regression":
             out = out.squeeze(-1)
         return out.float()
 
@@ -146,12 +161,12 @@ def build_model(cfg, encoder: nn.Module, hidden_size: int) -> MultiTaskModel:
     from .backbone import freeze
     from .heads import make_head
 
-    heads = {t: make_head(get_task(t), hidden_size, cfg.pair_encoding, cfg.head_dropout) for t in cfg.tasks}
+    heads = {t: make_head(get_task(t), hidden_size, cfg.pair_encoding, cfg.head_dropout) for t in cfg.task_names}
     if cfg.mode == "full":
         return MultiTaskModel(encoder, heads, cfg.pooling)
     freeze(encoder)
     if cfg.mode == "heads":
         return MultiTaskModel(encoder, heads, cfg.pooling)
     shared = [SHARED_ADAPTER] if cfg.uses_shared_adapter else []
-    peft_model = add_adapters(encoder, shared + list(cfg.tasks), cfg.lora)
-    return MultiTaskModel(peft_model, heads, cfg.pooling, {t: shared + [t] for t in cfg.tasks})
+    peft_model = add_adapters(encoder, shared + list(cfg.task_names), cfg.lora)
+    return MultiTaskModel(peft_model, heads, cfg.pooling, {t: shared + [t] for t in cfg.task_names})

@@ -34,7 +34,8 @@ _BF16_VISIBLE_EPSILON = 2.0 ** -8
 
 
 def loss_name_for(cfg: TrainConfig, task: TaskSpec) -> str:
-    return cfg.sst_loss if task.name == "sst" else task.default_loss
+    """``--task-loss TASK=NAME`` if given, else the task file's ``loss``."""
+    return cfg.task_losses.get(task.name, task.loss)
 
 
 class Objective:
@@ -61,7 +62,7 @@ class Objective:
 
     @property
     def uses_smart(self) -> bool:
-        return any(self.smart.weight_for(t) > 0 for t in self.cfg.tasks)
+        return any(self.smart.weight_for(t) > 0 for t in self.cfg.task_names)
 
     def _paired_pass_possible(self, model) -> bool:
         if self._pairable is None:  # one walk over the modules per run

@@ -18,6 +18,11 @@ from .runs import MANIFEST
 TASK_METRICS = {"sst": "accuracy", "qqp": "accuracy", "sts": "pearson"}
 
 
+def _benchmark_overall(metrics: dict) -> float | None:
+    """The CS224N overall score of a run, or None unless it was trained on all three tasks."""
+    return metrics.get("overall") if set(metrics.get("dev") or {}) >= set(TASK_METRICS) else None
+
+
 @dataclass
 class Row:
     name: str
@@ -79,7 +84,7 @@ def run_row(folder: Path, root: Path) -> Row:
     return Row(name=os.path.relpath(folder, root), mode=manifest.get("mode", "?"),
                backbone=manifest.get("backbone", {}).get("name", "?"), trainable=int(params.get("trainable", 0)),
                total=int(params.get("total", 0)), bytes_on_disk=size, metrics=metrics,
-               overall=manifest.get("metrics", {}).get("overall"), train_seconds=manifest.get("train_seconds"),
+               overall=_benchmark_overall(manifest.get("metrics", {})), train_seconds=manifest.get("train_seconds"),
                detail=_detail(manifest), partial_dev=bool(manifest.get("config", {}).get("max_eval_examples")))
 
 

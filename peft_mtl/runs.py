@@ -44,12 +44,12 @@ def head_spec(head: TaskHead) -> dict:
     return {"pair_encoding": head.pair_encoding, "cosine": head.cosine,
             "in_features": linear.in_features if linear is not None else None,
             "outputs": linear.out_features if linear is not None else 1,
-            "dropout": head.dropout.p}
+            "dropout": head.dropout.p, "cosine_scale": head.cosine_scale}
 
 
 def build_head(spec: dict, hidden_size: int) -> TaskHead:
     return TaskHead(hidden_size, spec["outputs"], pair_encoding=spec["pair_encoding"], dropout=spec["dropout"],
-                    cosine=spec["cosine"])
+                    cosine=spec["cosine"], cosine_scale=spec.get("cosine_scale", 5.0))
 
 
 def save_run(model: MultiTaskModel, folder: str | Path, manifest: dict, tokenizer=None, overwrite: bool = False) -> Path:

@@ -77,10 +77,13 @@ def round_robin(sizes: dict[str, int], steps: int, **_) -> list[tuple[str, ...]]
 
 
 @register_sampler("staggered")
-def staggered(sizes: dict[str, int], steps: int, epoch: int, staggered_epochs: int = 1, **_) -> list[tuple[str, ...]]:
-    """Staggered fine-tuning (seed 001): the large QQP task alone first, then round-robin."""
-    if epoch <= staggered_epochs and "qqp" in sizes:
-        return [("qqp",)] * steps
+def staggered(sizes: dict[str, int], steps: int, epoch: int, staggered_epochs: int = 1,
+              staggered_first: str | None = None, **_) -> list[tuple[str, ...]]:
+    """Staggered fine-tuning (seed 001): one task alone first — by default the one with the most
+    training rows (QQP for the built-in three) — then round-robin over all."""
+    first = staggered_first or max(sizes, key=lambda t: sizes[t])
+    if epoch <= staggered_epochs and first in sizes:
+        return [(first,)] * steps
     return round_robin(sizes, steps)
 
 
@@ -91,11 +94,11 @@ def summed(sizes: dict[str, int], steps: int, **_) -> list[tuple[str, ...]]:
 
 
 def task_schedule(name: str, sizes: dict[str, int], steps: int, epoch: int, epochs: int, seed: int,
-                  staggered_epochs: int = 1) -> list[tuple[str, ...]]:
+                  staggered_epochs: int = 1, staggered_first: str | None = None) -> list[tuple[str, ...]]:
     """The tasks of every step of ``epoch`` (1-based)."""
     try:
         sampler = SAMPLERS[name]
     except KeyError:
         raise KeyError(f"unknown sampler {name!r}; known: {', '.join(sorted(SAMPLERS))}") from None
     return sampler(sizes=sizes, steps=steps, epoch=epoch, epochs=epochs, seed=seed,
-                   staggered_epochs=staggered_epochs)
+                   staggered_epochs=staggered_epochs, staggered_first=staggered_first)

@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     with stop_on_signals() as stop, open_trace(cfg, run.dist) as trace:
         for epoch in range(state.epoch, cfg.epochs + 1):
             schedule = task_schedule(cfg.sampling, run.sizes, run.steps_per_epoch, epoch, cfg.epochs, cfg.seed,
-                                     cfg.staggered_epochs)
+                                     cfg.staggered_epochs, cfg.staggered_first)
             bar = tqdm(total=len(schedule), initial=state.step, desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
                        disable=not run.show_progress, file=sys.stderr, mininterval=2.0)
             run.model.train()
@@ -111,7 +111,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 def record_epoch(run: "Run", epoch: int, metrics: dict) -> None:
     """Log the epoch, append it to the history, keep the state if dev improved."""
     state = run.progress
-    overall, score = overall_score(metrics), primary_score(metrics)
+    overall, score = overall_score(metrics, run.primary), primary_score(metrics, run.primary)
     train_loss = state.loss_sum / max(1, state.loss_count)
     improved = score > state.best_score
     elapsed = run.elapsed()
@@ -156,6 +156,11 @@ class Run:
     started: float
     show_progress: bool
     _clock_start: float = 0.0
+
+    @property
+    def primary(self) -> dict[str, str]:
+        """task → its primary metric (what the best epoch and ``overall`` are judged by)."""
+        return {t: get_task(t).primary_metric for t in self.cfg.task_names}
 
     def elapsed(self) -> float:
         return time.time() - self._clock_start
@@ -209,15 +214,15 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
         torch.manual_seed(cfg.seed + 7919 * dist.rank)
     trainable, total = count_parameters(model)
     log(f"backbone {backbone_name} ({identity.num_layers} layers, {identity.hidden_size} wide), mode {cfg.mode}, "
-        f"tasks {','.join(cfg.tasks)}, precision {precision}; trainable parameters {trainable:,} of {total:,} "
+        f"tasks {','.join(cfg.task_names)}, precision {precision}; trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.2f}%)")
     if saved is None and cfg.simcse_epochs:
         run_simcse(model, cfg, train_splits, precision, pad_id, progress and dist.is_main, log)
 
     optimizer = build_optimizer(cfg, model)
     steps_per_epoch = cfg.steps_per_epoch or math.ceil(sum(sizes.values()) / cfg.batch_size)
-    if len(cfg.tasks) == 1 and not cfg.steps_per_epoch:  # one task: a pass over its rows, extra rows included
-        steps_per_epoch = math.ceil(len(train_splits[cfg.tasks[0]]) / cfg.batch_size)
+    if len(cfg.task_names) == 1 and not cfg.steps_per_epoch:  # one task: a pass over its rows, extra rows included
+        steps_per_epoch = math.ceil(len(train_splits[cfg.task_names[0]]) / cfg.batch_size)
     scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_ratio)
     objective = Objective(model, cfg, precision, dist.rank)
     surgery = PCGrad(cfg.seed) if cfg.pcgrad else None
@@ -226,7 +231,7 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
         log("pcgrad: the tasks share no trainable parameters here (independent adapters or heads only); "
             "their gradients are used as they are")
     streams = {t: BatchStream(train_splits[t], cfg.batch_size, cfg.seed, i, pad_id, dist.world, dist.shard)
-               for i, t in enumerate(cfg.tasks)}
+               for i, t in enumerate(cfg.task_names)}
     state = ckpt.Progress()
     if saved is not None:
         ckpt.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler, streams=streams,
@@ -245,13 +250,14 @@ def finish(run: Run) -> dict:
     ckpt.load_trainable_state(run.model, state.best_state)
     manifest = {
         "mode": cfg.mode,
-        "tasks": list(cfg.tasks),
+        "tasks": list(cfg.task_names),
         "backbone": run.identity.to_dict(),
         "backbone_source": cfg.backbone,
         "pair_encoding": cfg.pair_encoding,
         "max_length": cfg.max_length,
         "config": cfg.to_dict(),
-        "metrics": {"dev": state.best_metrics, "overall": overall_score(state.best_metrics),
+        "task_specs": {t: get_task(t).to_dict() for t in cfg.task_names},
+        "metrics": {"dev": state.best_metrics, "overall": overall_score(state.best_metrics, run.primary),
                     "best_epoch": state.best_epoch},
         "history": state.history,
         "parameters": {"trainable": run.trainable, "total": run.total},
@@ -268,8 +274,8 @@ def finish(run: Run) -> dict:
     if cfg.trace_dir:
         with open(Path(cfg.trace_dir) / f"rank{dist.rank}.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"final_trainable_sha256": state_digest(ckpt.trainable_state(run.model))}) + "\n")
-    summary = {"out": str(run.out), "tasks": cfg.tasks, "mode": cfg.mode, "best_epoch": state.best_epoch,
-               "dev": state.best_metrics, "overall": overall_score(state.best_metrics),
+    summary = {"out": str(run.out), "tasks": cfg.task_names, "mode": cfg.mode, "best_epoch": state.best_epoch,
+               "dev": state.best_metrics, "overall": overall_score(state.best_metrics, run.primary),
                "trainable_parameters": run.trainable, "train_seconds": round(train_seconds, 1)}
     if dist.enabled:
         summary.update(rank=dist.rank, processes=dist.world)
@@ -303,7 +309,7 @@ def check_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
 def load_task_data(cfg: TrainConfig, tokenizer, data_dir: Path) -> tuple[dict[str, EncodedSplit], dict[str, EncodedSplit], dict[str, int]]:
     """Encoded train and dev splits per task, and N_i (real training examples) for the sampler."""
     train, dev, sizes = {}, {}, {}
-    for name in cfg.tasks:
+    for name in cfg.task_names:
         task = get_task(name)
         real = _load_reported(task_file(data_dir, task, "train"), task, cfg.strict_data)
         real.examples = real.examples[: cfg.max_train_examples] if cfg.max_train_examples else real.examples

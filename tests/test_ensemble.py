@@ -80,5 +80,6 @@ def test_ensemble_cli_prints_eval_json(sets, small_data, capsys):
     assert code == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    assert set(result) == {"sst"}  # the only task all three share
+    assert set(result) == {"sst", "overall"}  # the only task all three share
+    assert result["overall"] == result["sst"]["accuracy"], "one task: overall is its primary metric"
     assert captured.err.count("member ") == 3

