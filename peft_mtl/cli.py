@@ -209,6 +209,30 @@ def cmd_tasks(args, argv) -> int:
     return 0
 
 
+def cmd_serve(args, argv) -> int:
+    try:
+        from .serving import ServeConfig
+        from .serving.server import serve
+    except ImportError as err:
+        raise ValueError(f"serving needs the serve extra ({err.name} is missing): pip install 'peft_mtl[serve]'") from None
+    token = None
+    if args.admin_token_file:
+        path = Path(args.admin_token_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: admin token file not found")
+        token = path.read_text(encoding="utf-8").strip()
+        if len(token) < 16:
+            raise ValueError(f"{path}: the admin token is shorter than 16 characters; use a long random one "
+                             f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    root = Path(args.sets_root) if args.sets_root else None
+    if root is not None and not root.is_dir():
+        raise FileNotFoundError(f"{root}: --sets-root is not a folder")
+    config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
+                         max_inputs=args.max_inputs, max_chars=args.max_chars, admin_token=token, sets_root=root)
+    serve(args.sets, args.host, args.port, config, args.backbone, args.precision)
+    return 0
+
+
 def cmd_report(args, argv) -> int:
     from .report import write_report
 
@@ -283,6 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="*", help="task files (YAML or JSON) to validate")
     p.add_argument("--strict", action="store_true", help="malformed rows are errors")
     p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("serve", help="serve adapter sets over HTTP (one backbone, dynamic batching)")
+    p.add_argument("sets", nargs="*", help="set folders to load at start (NAME=DIR to name one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="rows per forward pass across requests (1: off)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument("--admin-token-file", default=None, help="file holding the token for POST/DELETE /v1/sets")
+    p.add_argument("--sets-root", default=None, help="folders loadable at run time must be under it")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument("--max-inputs", type=int, default=64, help="inputs per request")
+    p.add_argument("--max-chars", type=int, default=2000, help="characters per sentence")
+    p.add_argument("--backbone", default=None, help="default: the first set's backbone")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="table + plot of trainable parameters vs score over saved runs")
     p.add_argument("runs", nargs="*", help="folders to scan for runs and *.ensemble.json records (default: adapters reports)")

@@ -101,3 +101,66 @@ def stacked_lora(stacked: dict[nn.Module, StackedLayer | None]) -> Iterator[None
                 del layer.forward
             else:
                 layer.forward = previous
+
+
+# -- grouped rows: each contiguous row block gets its own adapter combination ------------------
+
+@dataclass
+class RowGroup:
+    """Rows ``start:end`` of a batch run with the LoRA factors of one adapter combination."""
+
+    start: int
+    end: int
+    factors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor] | None]  # layer -> (A^T, B^T · s)
+
+
+def combination_factors(encoder: nn.Module, names: list[str]) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per LoRA layer, ``(A^T (d_in, r), (s·B)^T (r, d_out))`` of the summed adapters ``names``
+    (None where none of them adapts the layer). A DoRA adapter cannot be expressed so: error."""
+    out: dict[nn.Module, tuple[torch.Tensor, torch.Tensor] | None] = {}
+    for layer in _lora_linears(encoder):
+        present = [n for n in names if n in layer.lora_A]
+        for n in present:
+            if peft_compat.is_variant(layer, n):
+                raise ValueError(f"adapter {n!r} is a LoRA variant (e.g. DoRA) that cannot be grouped")
+        if not present:
+            out[layer] = None
+            continue
+        a, b = concat_factors(layer, present)
+        out[layer] = (a.detach().t().contiguous(), b.detach().t().contiguous())
+    return out
+
+
+def _grouped_forward(layer: nn.Module, groups: list[RowGroup], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    result = layer.base_layer(x, *args, **kwargs)
+    for g in groups:
+        f = g.factors.get(layer)
+        if f is None or g.end <= g.start:
+            continue
+        a, b = f
+        rows = x[g.start:g.end]
+        result[g.start:g.end] += ((rows.to(a.dtype) @ a) @ b).to(result.dtype)
+    return result
+
+
+@contextmanager
+def grouped_lora(encoder: nn.Module, groups: list[RowGroup]) -> Iterator[None]:
+    """Within the block, rows ``g.start:g.end`` of every batch get group g's LoRA deltas.
+
+    One forward pass serves requests for different adapter sets and tasks (the server's
+    dynamic batches): the frozen weight runs once over all rows, each group's low-rank
+    product only over its own contiguous rows — no gathers, no per-adapter masks.
+    Whatever adapters peft has active are ignored inside the block.
+    """
+    patched = []
+    try:
+        for layer in _lora_linears(encoder):
+            patched.append((layer, layer.__dict__.get("forward")))
+            layer.forward = lambda x, *a, _l=layer, **kw: _grouped_forward(_l, groups, x, *a, **kw)
+        yield
+    finally:
+        for layer, previous in patched:
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous

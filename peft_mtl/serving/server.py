@@ -1,0 +1,36 @@
+"""``peft-mtl serve``: load the backbone once, load every set, run the app with uvicorn."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .app import ServeConfig, create_app
+
+
+def parse_set(item: str) -> tuple[str | None, Path]:
+    """``NAME=DIR`` or ``DIR`` (named after the folder)."""
+    if "=" in item and not Path(item).exists():
+        name, folder = item.split("=", 1)
+        return name, Path(folder)
+    return None, Path(item)
+
+
+def serve(sets: list[str], host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
+          backbone: str | None = None, precision: str = "auto") -> None:
+    """Load ``sets`` on one backbone and serve them until interrupted (SIGINT/SIGTERM)."""
+    import uvicorn
+
+    from ..inference import load_base
+    from ..runs import read_manifest
+
+    parsed = [parse_set(s) for s in sets]
+    if backbone is None and parsed:
+        backbone = read_manifest(parsed[0][1]).get("backbone_source")
+    base = load_base(backbone, precision=precision)
+    for name, folder in parsed:
+        base.load(folder, name=name)
+    app = create_app(base, config)
+    print(f"peft-mtl serve: {len(base.sets)} set(s) on http://{host}:{port} (docs: /docs); "
+          f"batching up to {app.state.worker.max_batch} rows", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

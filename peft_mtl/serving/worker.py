@@ -1,0 +1,236 @@
+"""The one thread that owns the model: dynamic batching across adapter sets and tasks.
+
+HTTP handlers never touch the model. They put jobs on a queue and await a future. The
+worker takes the first queued job, keeps collecting until ``max_batch`` rows are waiting
+or ``max_wait_ms`` have passed since that first job arrived, and answers every prediction
+job of the batch from one forward pass: rows are grouped by (set, task), each group a
+contiguous block of the batch with its own LoRA deltas (:func:`peft_mtl.stacked.grouped_lora`)
+and its own head. Loading and unloading sets are jobs on the same queue, run between
+batches, so they can never overlap a forward pass; a request for a set unloaded before
+its turn gets a clean "unknown set" error.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..data import pad_sequences
+from ..heads import pool
+from ..inference import SEP, BaseModel, format_predictions
+from ..runtime import autocast
+from ..stacked import RowGroup, combination_factors, grouped_lora
+
+
+class UnknownName(LookupError):
+    """A set or task that is not loaded; the message names what is."""
+
+
+@dataclass(eq=False)
+class PredictJob:
+    set: str
+    task: str
+    inputs: list
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def rows(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass(eq=False)
+class CallJob:
+    """Anything else that must run on the model's thread (ensembles, load, unload)."""
+
+    fn: Callable[[BaseModel], Any]
+    rows: int = 0
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatchStats:
+    rows: int
+    jobs: int
+    queue_seconds: list[float]
+
+
+class Worker:
+    """Owns ``base``; ``submit`` is thread-safe; ``on_batch`` sees every coalesced batch."""
+
+    def __init__(self, base: BaseModel, max_batch: int = 32, max_wait_ms: float = 5.0,
+                 on_batch: Callable[[BatchStats], None] | None = None):
+        self.base, self.max_batch, self.max_wait = base, max(1, max_batch), max(0.0, max_wait_ms) / 1000
+        self.on_batch = on_batch or (lambda stats: None)
+        self.queue: queue.Queue = queue.Queue()
+        self._held: PredictJob | CallJob | None = None  # taken from the queue but not fitting the last batch
+        self._stop = threading.Event()
+        self._groupable_cache: dict[str, bool] = {}
+        self.sets_snapshot: dict[str, dict] = {}
+        self._publish()
+        self.thread = threading.Thread(target=self._run, name="peft-mtl-model", daemon=True)
+        self.thread.start()
+
+    # -- called from any thread ------------------------------------------------------
+
+    def submit(self, job: PredictJob | CallJob) -> Future:
+        self.queue.put(job)
+        return job.future
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.put(None)
+        self.thread.join(timeout=10)
+
+    # -- the model's thread ------------------------------------------------------------
+
+    def _next(self, timeout: float | None) -> PredictJob | CallJob | None:
+        if self._held is not None:
+            job, self._held = self._held, None
+            return job
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            first = self._next(None)
+            if first is None:
+                continue
+            if isinstance(first, CallJob):
+                self._call(first)
+                continue
+            batch, rows = [first], first.rows
+            deadline = first.enqueued + self.max_wait
+            while rows < self.max_batch:
+                job = self._next(max(0.0, deadline - time.perf_counter()))
+                if job is None:
+                    break
+                if isinstance(job, CallJob) or rows + job.rows > self.max_batch:
+                    self._held = job  # next round: control jobs never run inside a batch
+                    break
+                batch.append(job)
+                rows += job.rows
+            self._predict(batch)
+
+    def _call(self, job: CallJob) -> None:
+        started = time.perf_counter()
+        try:
+            result, error = job.fn(self.base), None
+        except Exception as err:  # the caller decides what the error means
+            result, error = None, err
+        # The new view of the sets is published before the caller hears back.
+        self._groupable_cache.clear()
+        self._publish()
+        if error is None:
+            job.future.set_result(result)
+        else:
+            job.future.set_exception(error)
+        if job.rows:  # ensembles count as a batch of their rows
+            self.on_batch(BatchStats(job.rows, 1, [started - job.enqueued]))
+
+    def _publish(self) -> None:
+        """A read-only view of the loaded sets for handlers on other threads."""
+        self.sets_snapshot = {
+            name: {"tasks": list(a.tasks), "mode": a.manifest.get("mode"), "folder": str(a.folder),
+                   "trainable_parameters": a.manifest.get("parameters", {}).get("trainable"),
+                   "task_types": {t: a.specs[t].kind for t in a.tasks if t in a.specs}}
+            for name, a in self.base.sets.items()}
+
+    def _groupable(self, name: str) -> bool:
+        """Sets whose rows can share the batched pass: LoRA (or heads-only) sets, cross-encoded."""
+        if name not in self._groupable_cache:
+            aset = self.base.sets[name]
+            ok = aset.model is None and aset.pair_encoding == "cross" and not aset.manifest["config"]["lora"].get("use_dora")
+            self._groupable_cache[name] = bool(ok)
+        return self._groupable_cache[name]
+
+    def _predict(self, batch: list[PredictJob]) -> None:
+        started = time.perf_counter()
+        valid: list[PredictJob] = []
+        for job in batch:
+            error = self._check(job)
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                valid.append(job)
+        grouped = [j for j in valid if self._groupable(j.set)]
+        for job in valid:
+            if not self._groupable(job.set):  # full fine-tuned, bi-encoder or DoRA sets: their own pass
+                self._settle(job, lambda j=job: self.base.predict(j.task, j.inputs, j.set))
+        if grouped:
+            try:
+                results = self._grouped_pass(grouped)
+            except Exception as err:
+                for job in grouped:
+                    if not job.future.done():
+                        job.future.set_exception(err)
+            else:
+                for job, result in zip(grouped, results):
+                    job.future.set_result(result)
+        self.on_batch(BatchStats(sum(j.rows for j in batch), len(batch), [started - j.enqueued for j in batch]))
+
+    def _settle(self, job: PredictJob, fn: Callable[[], Any]) -> None:
+        try:
+            job.future.set_result(fn())
+        except Exception as err:
+            job.future.set_exception(err)
+
+    def _check(self, job: PredictJob) -> Exception | None:
+        aset = self.base.sets.get(job.set)
+        if aset is None:
+            return UnknownName(f"no set named {job.set!r}; loaded: {', '.join(self.base.sets) or 'none'}")
+        if job.task not in aset.tasks:
+            return UnknownName(f"set {job.set!r} has no task {job.task!r}; it has {', '.join(aset.tasks)}")
+        return None
+
+    def _factors(self, name: str, task: str) -> dict:
+        key = ("group", name, task)
+        cache = self.base.stack_cache  # cleared by the base on every load and unload
+        if key not in cache:
+            names = self.base.model.routing.get(f"{name}{SEP}{task}", [])
+            cache[key] = combination_factors(self.base.model.encoder, names) if names else {}
+        return cache[key]
+
+    @torch.inference_mode()
+    def _grouped_pass(self, jobs: list[PredictJob]) -> list[list[dict]]:
+        """One encoder pass for every job; rows grouped by (set, task), each group its own head."""
+        base = self.base
+        order: dict[tuple[str, str], list[int]] = {}
+        for i, job in enumerate(jobs):
+            order.setdefault((job.set, job.task), []).append(i)
+        rows, groups, spans = [], [], {}
+        for (name, task), members in order.items():
+            start = len(rows)
+            for i in members:
+                encoded = base.encode(task, jobs[i].inputs, name)
+                spans[i] = (len(rows), len(rows) + len(jobs[i].inputs))
+                rows.extend(encoded.segments[0])
+            groups.append((name, task, RowGroup(start, len(rows), self._factors(name, task))))
+        inputs = pad_sequences(rows, base.pad_id)
+        extra = {"token_type_ids": inputs["token_type_ids"]} if base.model.uses_token_types else {}
+        with autocast(base.precision), grouped_lora(base.model.encoder, [g for _, _, g in groups]):
+            hidden = base.model.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                        **extra).last_hidden_state
+        results: list[list[dict]] = [[] for _ in jobs]
+        for name, task, group in groups:
+            key = f"{name}{SEP}{task}"
+            pooled = pool(hidden[group.start:group.end], inputs["attention_mask"][group.start:group.end],
+                          base.model.head_pooling.get(key, "mean"))
+            out = base.model.heads[key]([pooled]).float()
+            spec = base.spec(task, name)
+            if spec.kind == "regression":
+                out = out.squeeze(-1)
+            predictions = format_predictions(spec, out.numpy())
+            for i in order[(name, task)]:
+                s, e = spans[i]
+                results[i] = predictions[s - group.start:e - group.start]
+        return results

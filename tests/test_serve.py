@@ -1,0 +1,255 @@
+"""`peft-mtl serve`: dynamic batching across sets and tasks gives base.predict's answers; every
+endpoint and every bad input, against a real server on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from peft_mtl import load_base  # noqa: E402
+from peft_mtl.config import TrainConfig  # noqa: E402
+from peft_mtl.serving.worker import PredictJob, UnknownName, Worker  # noqa: E402
+from peft_mtl.train import train  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SENTENCES = ["a fine film", "dull and long", "ok", "a gorgeous, witty, seductive movie", "bad"]
+PAIRS = [("how do i learn python", "what is the best way to learn python"), ("a cat", "stock prices fell")]
+
+
+@pytest.fixture(scope="module")
+def sets_root(tiny_backbone, small_data, tmp_path_factory) -> Path:
+    """Four sets of different kinds: shared+task multi-task, single task, heads only, full fine-tune."""
+    root = tmp_path_factory.mktemp("sets")
+    common = dict(backbone=str(tiny_backbone), data_dir=str(small_data), epochs=1, steps_per_epoch=3, batch_size=4,
+                  lr=5e-2, precision="fp32", checkpoint_every=0, max_eval_examples=8)
+    runs = {"multi": dict(tasks=["sst", "qqp", "sts"], seed=1), "single": dict(tasks=["sst"], seed=2),
+            "heads": dict(tasks=["sts", "sst"], mode="heads", seed=3), "full": dict(tasks=["sst"], mode="full", seed=4)}
+    for name, extra in runs.items():
+        train(TrainConfig(out=str(root / name), **common, **extra), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(tiny_backbone, sets_root):
+    b = load_base(str(tiny_backbone), precision="fp32")
+    for name in ("multi", "single", "heads", "full"):
+        b.load(sets_root / name, name=name)
+    return b
+
+
+def close(a: list[dict], b: list[dict]) -> bool:
+    for x, y in zip(a, b):
+        if "score" in x:
+            if abs(x["score"] - y["score"]) > 1e-4:
+                return False
+        elif x["label"] != y["label"] or max(abs(p - q) for p, q in zip(x["probabilities"], y["probabilities"])) > 1e-4:
+            return False
+    return len(a) == len(b)
+
+
+def test_one_coalesced_batch_answers_every_set_and_task_like_base_predict(base):
+    batches = []
+    worker = Worker(base, max_batch=64, max_wait_ms=300, on_batch=batches.append)
+    jobs = [PredictJob("multi", "sst", SENTENCES[:3]), PredictJob("single", "sst", SENTENCES[1:]),
+            PredictJob("multi", "qqp", PAIRS), PredictJob("heads", "sts", PAIRS[:1]),
+            PredictJob("multi", "sts", PAIRS), PredictJob("full", "sst", SENTENCES[:2]),
+            PredictJob("heads", "sst", SENTENCES[:1]), PredictJob("multi", "sst", SENTENCES[4:])]
+    try:
+        futures = [worker.submit(job) for job in jobs]
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        worker.stop()
+    assert len(batches) == 1 and batches[0].jobs == len(jobs), "all requests went into one forward pass"
+    for job, got in zip(jobs, results):
+        assert close(got, base.predict(job.task, job.inputs, job.set)), (job.set, job.task)
+
+
+def test_batches_stop_at_max_batch_rows_and_unknown_names_fail_alone(base):
+    batches = []
+    worker = Worker(base, max_batch=4, max_wait_ms=200, on_batch=batches.append)
+    try:
+        futures = [worker.submit(PredictJob("multi", "sst", SENTENCES[:3])) for _ in range(3)]
+        bad = worker.submit(PredictJob("gone", "sst", SENTENCES[:1]))
+        wrong_task = worker.submit(PredictJob("single", "qqp", [PAIRS[0]]))
+        assert all(len(f.result(timeout=60)) == 3 for f in futures)
+        with pytest.raises(UnknownName, match="loaded: multi, single, heads, full"):
+            bad.result(timeout=60)
+        with pytest.raises(UnknownName, match="has no task 'qqp'"):
+            wrong_task.result(timeout=60)
+    finally:
+        worker.stop()
+    assert max(b.rows for b in batches) <= 4
+
+
+# ----------------------------------------------------------------------------- the real server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(sets_root, tmp_path_factory):
+    token = secrets.token_urlsafe(24)
+    token_file = tmp_path_factory.mktemp("secret") / "token"
+    token_file.write_text(token)
+    port = free_port()
+    cmd = [sys.executable, "-m", "peft_mtl", "serve", f"multi={sets_root / 'multi'}", f"single={sets_root / 'single'}",
+           "--port", str(port), "--max-batch", "16", "--max-wait-ms", "20", "--admin-token-file", str(token_file),
+           "--sets-root", str(sets_root), "--max-inputs", "8", "--max-chars", "200", "--max-body-bytes", "20000",
+           "--precision", "fp32"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "the server did not come up"
+        time.sleep(0.2)
+    yield url, token
+    proc.terminate()  # stopped by its own PID
+    proc.wait(timeout=30)
+
+
+def test_predict_matches_base_predict_and_lists_sets(server, base):
+    url, _ = server
+    r = httpx.post(url + "/v1/predict", json={"set": "multi", "task": "qqp", "inputs": [list(p) for p in PAIRS]})
+    assert r.status_code == 200 and r.json()["set"] == "multi" and r.json()["task"] == "qqp"
+    assert close(r.json()["predictions"], base.predict("qqp", PAIRS, "multi"))
+    r = httpx.post(url + "/v1/predict", json={"task": "sst", "inputs": SENTENCES})  # default set: the first loaded
+    assert r.status_code == 200 and r.json()["set"] == "multi"
+    sets = httpx.get(url + "/v1/sets").json()
+    assert set(sets["sets"]) == {"multi", "single"} and sets["sets"]["multi"]["tasks"] == ["sst", "qqp", "sts"]
+    r = httpx.post(url + "/v1/ensemble", json={"sets": ["multi", "single"], "task": "sst", "inputs": SENTENCES[:2]})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+    assert httpx.get(url + "/healthz").json()["status"] == "ok"
+    assert "/v1/predict" in httpx.get(url + "/openapi.json").json()["paths"]
+
+
+def test_concurrent_requests_over_sets_and_tasks_are_batched_and_exact(server, base):
+    import asyncio
+
+    url, _ = server
+    work = [("multi", "sst", SENTENCES[:2]), ("single", "sst", SENTENCES[2:]), ("multi", "sts", PAIRS),
+            ("multi", "qqp", PAIRS[:1])] * 4
+
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*[
+                client.post("/v1/predict", json={"set": s, "task": t, "inputs": [list(x) if isinstance(x, tuple) else x
+                                                                                  for x in inputs]})
+                for s, t, inputs in work])
+
+    responses = asyncio.run(go())
+    for (s, t, inputs), r in zip(work, responses):
+        assert r.status_code == 200 and close(r.json()["predictions"], base.predict(t, inputs, s))
+    metrics = httpx.get(url + "/metrics").text
+    count = float(next(l for l in metrics.splitlines() if l.startswith("peft_mtl_batch_rows_count")).split()[-1])
+    total = float(next(l for l in metrics.splitlines() if l.startswith("peft_mtl_batch_rows_sum")).split()[-1])
+    assert total / count > 1.5, "concurrent requests must share forward passes"
+    for name in ("peft_mtl_requests_total", "peft_mtl_request_seconds_bucket", "peft_mtl_queue_seconds_bucket",
+                 "peft_mtl_loaded_sets", "peft_mtl_rows_total"):
+        assert name in metrics, name
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "malformed JSON"),
+    ({"set": "nope", "task": "sst", "inputs": ["x"]}, 404, "loaded: multi, single"),
+    ({"set": "single", "task": "qqp", "inputs": [["a", "b"]]}, 404, "has no task 'qqp'"),
+    ({"set": "multi", "task": "sst", "inputs": ["x"] * 9}, 413, "at most 8"),
+    ({"set": "multi", "task": "sst", "inputs": ["x" * 201]}, 422, "over 200 characters"),
+    ({"set": "multi", "task": "sst", "inputs": []}, 422, "inputs is empty"),
+    ({"set": "multi", "task": "qqp", "inputs": ["not a pair"]}, 422, "sentence pair"),
+    ({"set": "multi", "task": "sst", "inputs": [["a", "b", "c"]]}, 422, "a pair is [first, second]"),
+    ({"set": "multi", "task": "sst"}, 422, "inputs"),
+    ({"set": "multi", "task": "sst", "inputs": ["x" * 100] * 8, "pad": "y" * 30000}, 413, "bytes"),
+])
+def test_bad_requests_get_a_clear_status_and_the_server_lives_on(server, body, status, message):
+    url, _ = server
+    if isinstance(body, bytes):
+        r = httpx.post(url + "/v1/predict", content=body, headers={"content-type": "application/json"})
+    else:
+        r = httpx.post(url + "/v1/predict", json=body)
+    assert r.status_code == status and message in str(r.json()["detail"]), r.text
+    assert httpx.get(url + "/healthz").status_code == 200
+
+
+def test_admin_endpoints_need_the_token_and_stay_inside_the_sets_root(server, sets_root):
+    url, token = server
+    load = {"name": "heads", "folder": "heads"}
+    assert httpx.post(url + "/v1/sets", json=load).status_code == 401
+    assert httpx.post(url + "/v1/sets", json=load, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    auth = {"Authorization": f"Bearer {token}"}
+    outside = httpx.post(url + "/v1/sets", json={"name": "x", "folder": "../../etc"}, headers=auth)
+    assert outside.status_code == 403 and "outside the sets root" in outside.json()["detail"]
+    pickled = sets_root / "pickled"
+    pickled.mkdir(exist_ok=True)
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04")
+    r = httpx.post(url + "/v1/sets", json={"name": "p", "folder": "pickled"}, headers=auth)
+    assert r.status_code == 422 and "only safetensors" in r.json()["detail"]
+    assert httpx.delete(url + "/v1/sets/single").status_code == 401
+
+
+def test_load_and_unload_while_serving_never_breaks_an_in_flight_request(server, base):
+    url, token = server
+    auth = {"Authorization": f"Bearer {token}"}
+    failures, answered = [], []
+    stop = threading.Event()
+
+    def client():
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/v1/predict", json={"set": "multi", "task": "sst", "inputs": SENTENCES[:2]})
+                if r.status_code != 200 or not close(r.json()["predictions"], base.predict("sst", SENTENCES[:2], "multi")):
+                    failures.append(r.text)
+                answered.append(1)
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for round_ in range(3):
+            r = httpx.post(url + "/v1/sets", json={"name": "extra", "folder": "full"}, headers=auth, timeout=60)
+            assert r.status_code == 201 and r.json()["tasks"] == ["sst"], r.text
+            assert httpx.post(url + "/v1/sets", json={"name": "extra", "folder": "full"},
+                              headers=auth).status_code == 409
+            p = httpx.post(url + "/v1/predict", json={"set": "extra", "task": "sst", "inputs": ["x"]})
+            assert p.status_code == 200
+            assert httpx.delete(url + "/v1/sets/extra", headers=auth, timeout=60).status_code == 200
+            assert httpx.post(url + "/v1/predict", json={"set": "extra", "task": "sst",
+                                                         "inputs": ["x"]}).status_code == 404
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert answered and not failures, failures[:2]
+
+
+def test_admin_is_off_without_a_token_file(base):
+    from fastapi.testclient import TestClient
+
+    from peft_mtl.serving import ServeConfig, create_app
+
+    app = create_app(base, ServeConfig())
+    with TestClient(app) as client:
+        r = client.post("/v1/sets", json={"name": "x", "folder": "y"}, headers={"Authorization": "Bearer abc"})
+        assert r.status_code == 403 and "--admin-token-file" in r.json()["detail"]
+        assert client.delete("/v1/sets/multi").status_code == 403
