@@ -233,6 +233,17 @@ def cmd_serve(args, argv) -> int:
     return 0
 
 
+def cmd_export(args, argv) -> int:
+    from .export import ExportError, export_set
+
+    try:
+        record = export_set(args.folder, args.out, args.format, args.int8, args.backbone, args.overwrite)
+    except ExportError as err:
+        raise ValueError(str(err)) from None
+    print(json.dumps({"out": args.out, "tasks": {t: e["check"] for t, e in record["tasks"].items()}}))
+    return 0
+
+
 def cmd_report(args, argv) -> int:
     from .report import write_report
 
@@ -322,6 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, help="default: the first set's backbone")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a set as self-contained ONNX models (adapters merged, heads included)")
+    p.add_argument("folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="onnx (OpenVINO reads .onnx directly)")
+    p.add_argument("--int8", action="store_true", help="also write an int8 model (ONNX Runtime dynamic quantization)")
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="table + plot of trainable parameters vs score over saved runs")
     p.add_argument("runs", nargs="*", help="folders to scan for runs and *.ensemble.json records (default: adapters reports)")

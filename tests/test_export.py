@@ -1,0 +1,75 @@
+"""ONNX export: the graph answers like PyTorch, int8 stays close, and the README snippet runs
+with ONNX Runtime and tokenizers alone (peft_mtl, torch and peft unimportable)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from peft_mtl import load_base  # noqa: E402
+from peft_mtl.config import TrainConfig  # noqa: E402
+from peft_mtl.export import ExportError, export_set, run_onnx  # noqa: E402
+from peft_mtl.train import train  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_backbone, small_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "set"
+    train(TrainConfig(tasks=["sst", "sts"], out=str(out), backbone=str(tiny_backbone), data_dir=str(small_data),
+                      epochs=1, steps_per_epoch=3, batch_size=4, lr=5e-2, precision="fp32", checkpoint_every=0,
+                      max_eval_examples=8), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "exported"
+    export_set(trained, out, int8=True)
+    return out
+
+
+def test_export_round_trips_every_task(trained, exported, tiny_backbone):
+    record = json.loads((exported / "export.json").read_text())
+    assert set(record["tasks"]) == {"sst", "sts"}
+    base = load_base(str(tiny_backbone), precision="fp32")
+    base.load(trained, name="s")
+    sentences = ["a fine film", "a long and dull film with nothing in it", "ok"]
+    pairs = [("a man plays", "a man sings"), ("the cat", "stock prices fell sharply today")]
+    for task, inputs in (("sst", sentences), ("sts", pairs)):
+        reference = base.outputs(task, base.encode(task, inputs, "s"), "s")
+        assert np.abs(run_onnx(exported, task, inputs) - reference).max() < 1e-4
+        assert np.abs(run_onnx(exported, task, inputs, "int8") - reference).max() < 0.2 * (1 + np.abs(reference).max())
+    assert record["tasks"]["sst"]["check"]["fp32_max_abs_diff"] < 1e-4
+
+
+def test_readme_snippet_runs_without_peft_mtl_torch_or_peft(exported):
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    (snippet,) = re.findall(r"<!-- export-snippet -->\s*```python\n(.*?)```", text, flags=re.S)
+    assert len(snippet.strip().splitlines()) <= 10
+    blocker = "import sys\nfor m in ('peft_mtl', 'torch', 'peft', 'transformers'):\n    sys.modules[m] = None\n"
+    code = blocker + snippet.replace('"exported/all"', repr(str(exported)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    labels = eval(result.stdout.strip().splitlines()[-1])  # the snippet prints a list of labels
+    assert len(labels) == 2 and all(label in range(5) for label in labels)
+
+
+def test_bad_exports_are_clear_errors(trained, tmp_path):
+    with pytest.raises(ExportError, match="only onnx"):
+        export_set(trained, tmp_path / "x", fmt="tflite")
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "f").write_text("keep")
+    with pytest.raises(FileExistsError):
+        export_set(trained, out)
+    assert (out / "f").read_text() == "keep"
