@@ -107,10 +107,12 @@ def load_encoder(path: Path, attn_implementation: str | None = None) -> nn.Modul
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
+    from . import device
     from .kernels import register_attention, use_fast_dropout
 
     hf_logging.disable_progress_bar()
-    requested = attn_implementation or register_attention()
+    # CPU: the registered eager attention with fast dropout; CUDA: PyTorch's SDPA (device.py).
+    requested = attn_implementation or device.attention_implementation() or register_attention()
     try:
         model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
                                           attn_implementation=requested)
@@ -128,7 +130,8 @@ def load_encoder(path: Path, attn_implementation: str | None = None) -> nn.Modul
     if not hasattr(model, "embeddings"):
         raise BackboneError(f"{path}: {type(model).__name__} has no .embeddings module; "
                             f"peft_mtl supports BERT-family encoders only")
-    use_fast_dropout(model)
+    if device.cpu_kernels():
+        use_fast_dropout(model)
     model.eval()
     return model
 
@@ -197,11 +200,13 @@ def load_quantized_encoder(path: Path, quantize: str, for_training: bool = True)
     if quantize == "int8":
         qconfig = BitsAndBytesConfig(load_in_8bit=True)
     else:
+        from .device import quantized_compute_dtype
+
         qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                     bnb_4bit_compute_dtype=torch.bfloat16)
+                                     bnb_4bit_compute_dtype=quantized_compute_dtype())
     try:
         model = AutoModel.from_pretrained(str(path), local_files_only=True, quantization_config=qconfig,
-                                          device_map="cuda" if torch.cuda.is_available() else "cpu",
+                                          device_map=str(__import__("peft_mtl.device", fromlist=["current"]).current()),
                                           attn_implementation=register_attention())
     except Exception as err:
         raise BackboneError(f"{path}: bitsandbytes could not quantize this model to {quantize} on this machine "

@@ -122,13 +122,21 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
     train_enc = encode_split(train_split, tokenizer)
     dev_enc = encode_split(dev_split, tokenizer)
     batch = 32
+    from .device import cpu_supports_bf16, name as device_name
+
     result: dict = {"machine": {"threads": threads, "precision": precision, "backbone": name,
-                                "torch": torch.__version__}, "batch_size": batch}
+                                "torch": torch.__version__, "device": device_name(),
+                                "native_bf16": cpu_supports_bf16()}, "batch_size": batch}
 
     log("bench: GEMM peaks")
-    fp32_peak, bf16_peak = gemm_peak(torch.float32), gemm_peak(torch.bfloat16)
-    result["gemm_gflops"] = {"fp32": round(fp32_peak, 1), "bf16": round(bf16_peak, 1),
-                             "bf16_over_fp32": round(bf16_peak / fp32_peak, 2)}
+    # Emulated bf16 (CPUs without AVX512-BF16/AMX) runs at well under 1 GFLOP/s: timing it costs
+    # minutes and means nothing, so the bf16 peak is measured only where bf16 is native.
+    fp32_peak = gemm_peak(torch.float32)
+    bf16_peak = gemm_peak(torch.bfloat16) if cpu_supports_bf16() else None
+    used_peak = bf16_peak if precision == "bf16" and bf16_peak else fp32_peak
+    result["gemm_gflops"] = {"fp32": round(fp32_peak, 1), "bf16": round(bf16_peak, 1) if bf16_peak else None,
+                             "bf16_over_fp32": round(bf16_peak / fp32_peak, 2) if bf16_peak else None,
+                             "peak_of_precision_used": round(used_peak, 1)}
 
     # -- training throughput --------------------------------------------------------------
     def train_rate(cfg, label: str) -> dict:
@@ -176,7 +184,7 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
         "smart_step_vs_lora_step": round(training["lora_smart"]["seconds_per_step"] / lora["seconds_per_step"], 2),
         "smart_t0_step_vs_lora_step": round(training["lora_smart_t0"]["seconds_per_step"] / lora["seconds_per_step"],
                                             2),
-        "lora_step_gflops_vs_bf16_peak": round(lora["achieved_gflops"] / bf16_peak, 3),
+        "lora_step_gflops_vs_peak_of_precision_used": round(lora["achieved_gflops"] / used_peak, 3),
     }
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result
@@ -406,6 +414,7 @@ def markdown(result: dict, command: str) -> str:
     plain = result["plain_hf"]
     lines = [
         "# Benchmark: peft_mtl vs the plain Hugging Face pipeline", "",
+        f"Device: {result['machine'].get('device', 'unknown')}.", "",
         f"Command: `{command}` — one run, one process, {result['machine']['threads']} threads, "
         f"torch {result['machine']['torch']}, backbone {result['machine']['backbone']}, SST, batch 32, "
         "medians of repeats. Raw numbers: [bench.json](bench.json).", "",
@@ -417,7 +426,8 @@ def markdown(result: dict, command: str) -> str:
         f"{r['smart_step_vs_lora_step']}× | ≤ 2× |",
         f"| SMART step time / plain LoRA step time (T=0, random perturbation only) | "
         f"{r.get('smart_t0_step_vs_lora_step', '—')}× | ≤ 2× |",
-        f"| LoRA training step GFLOP/s / bf16 GEMM peak | {100 * r['lora_step_gflops_vs_bf16_peak']:.1f}% | ≥ 40% |",
+        f"| LoRA training step GFLOP/s / GEMM peak of the precision used ({result['machine']['precision']}) | "
+        f"{100 * r['lora_step_gflops_vs_peak_of_precision_used']:.1f}% | ≥ 40% |",
         "", "## Training", "", "| pipeline | examples/s | s/step | GFLOP/step | achieved GFLOP/s |", "|---|---:|---:|---:|---:|",
         f"| plain HF + PEFT LoRA (fp32) | {plain['train_examples_per_second']} | {plain['seconds_per_step']} | — | "
         f"{plain['achieved_gflops']} |"]
@@ -425,8 +435,10 @@ def markdown(result: dict, command: str) -> str:
         lines.append(f"| peft_mtl {k} | {v['examples_per_second']} | {v['seconds_per_step']} | {v['gflop_per_step']} | "
                      f"{v['achieved_gflops']} |")
     g = result["gemm_gflops"]
-    lines += ["", f"GEMM peak (2048², median): fp32 {g['fp32']} GFLOP/s, bf16 {g['bf16']} GFLOP/s "
-                  f"({g['bf16_over_fp32']}× fp32).", "", "## Inference (SST dev, 1,101 sentences)", "",
+    bf16_text = (f"bf16 {g['bf16']} GFLOP/s ({g['bf16_over_fp32']}× fp32)" if g.get("bf16")
+                 else "bf16 not measured (not native on this CPU)")
+    lines += ["", f"GEMM peak (2048², median): fp32 {g['fp32']} GFLOP/s, {bf16_text}.", "",
+              "## Inference (SST dev, 1,101 sentences)", "",
               "| pipeline | sentences/s |", "|---|---:|",
               f"| plain HF + PEFT (fp32, eval batch 8) | {plain['inference_sentences_per_second']} |"]
     for k, v in inf.items():

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from . import device
 from .artifacts import atomic_folder, save_tensors_atomic, write_json_atomic
 from .config import ConfigError, TrainConfig
 
@@ -48,7 +49,8 @@ class Progress:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if _is_trained(n, p)}
+    """CPU copies of the trained tensors (checkpoints load on any device)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if _is_trained(n, p)}
 
 
 def _is_trained(name: str, p: torch.nn.Parameter) -> bool:
@@ -100,7 +102,7 @@ def load(out: Path) -> dict:
         state["best"] = load_file(str(folder / "best.safetensors"))
     if (folder / "bregman.safetensors").is_file():
         state["bregman"] = load_file(str(folder / "bregman.safetensors"))
-    state["optim"] = torch.load(folder / "optimizer.pt", weights_only=True)
+    state["optim"] = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
     return state
 
 
@@ -137,15 +139,19 @@ def restore(state: dict, *, model, optimizer, scheduler, streams, objective, sur
     if "bregman" in state:
         objective.load_tensors(state["bregman"])
     tensors = state["random"]
-    torch.set_rng_state(tensors[f"rank{rank}.torch"])
-    objective.load_random_state(tensors[f"rank{rank}.smart"])
+    if f"rank{rank}.cpu" in tensors:
+        torch.set_rng_state(tensors[f"rank{rank}.cpu"])
+    if random and random[rank].get("device") == str(device.current().type):  # another device: fresh streams
+        device.set_rng_state(tensors[f"rank{rank}.torch"])
+        objective.load_random_state(tensors[f"rank{rank}.smart"])
     if surgery is not None:
         surgery.load_random_state(random[rank]["pcgrad"])
 
 
 def random_state(objective, surgery) -> dict:
     """This process's random streams, as ``save`` stores them."""
-    state = {"torch": torch.get_rng_state(), "smart": objective.random_state()}
+    state = {"torch": device.rng_state(), "cpu": torch.get_rng_state(), "smart": objective.random_state(),
+             "device": device.current().type}
     if surgery is not None:
         state["pcgrad"] = surgery.random_state()
     return state

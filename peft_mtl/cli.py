@@ -76,7 +76,7 @@ def cmd_eval(args, argv) -> int:
     from .inference import load_adapters
     from .metrics import overall_score
 
-    base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision)
+    base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision, device=args.device)
     name = base.active
     tasks = base.sets[name].tasks
     splits = _load_eval_splits(tasks, args.data_dir, args.split, args.strict, base, name)
@@ -94,7 +94,7 @@ def cmd_eval(args, argv) -> int:
 def cmd_predict(args, argv) -> int:
     from .inference import load_adapters
 
-    base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision)
+    base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision, device=args.device)
     task = base.spec(args.task)
     inputs: list = []
     if args.pairs_file:
@@ -129,7 +129,7 @@ def cmd_ensemble(args, argv) -> int:
         raise ValueError("an ensemble needs at least two adapter-set folders")
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     backbone = args.backbone or read_manifest(folders[0]).get("backbone_source")
-    base = load_base(backbone, precision=args.precision)
+    base = load_base(backbone, precision=args.precision, device=args.device)
     names = [base.load(f, name=f"m{i}") for i, f in enumerate(folders)]
     shared_tasks = set.intersection(*(set(base.sets[n].tasks) for n in names))
     tasks = [t for t in base.sets[names[0]].tasks if t in shared_tasks]  # the first member's order
@@ -229,7 +229,7 @@ def cmd_serve(args, argv) -> int:
         raise FileNotFoundError(f"{root}: --sets-root is not a folder")
     config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
                          max_inputs=args.max_inputs, max_chars=args.max_chars, admin_token=token, sets_root=root)
-    serve(args.sets, args.host, args.port, config, args.backbone, args.precision)
+    serve(args.sets, args.host, args.port, config, args.backbone, args.precision, args.device)
     return 0
 
 
@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--backbone", default=None, help="override the backbone recorded in the folder")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
     p.add_argument("--strict", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -291,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sep", default="|||", help="separator between the sentences of a pair (default |||)")
     p.add_argument("--pairs-file", default=None)
     p.add_argument("--backbone", default=None)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("ensemble", help="evaluate an ensemble of adapter sets on one shared backbone")
@@ -309,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "reports/bench.md)")
     p.add_argument("--record", default=None, help="also write the result as NAME.ensemble.json for `peft-mtl report`")
     p.add_argument("--backbone", default=None)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
     p.add_argument("--strict", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ensemble)
@@ -331,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inputs", type=int, default=64, help="inputs per request")
     p.add_argument("--max-chars", type=int, default=2000, help="characters per sentence")
     p.add_argument("--backbone", default=None, help="default: the first set's backbone")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a set as self-contained ONNX models (adapters merged, heads included)")

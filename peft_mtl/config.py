@@ -17,12 +17,12 @@ from .options import differences, flag_for, option
 
 MODES = ("lora", "heads", "full")
 PAIR_ENCODINGS = ("cross", "bi")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SMART_PRECISIONS = ("fp32", "train")
 
 # Fields that say how a run is watched or stored, not what it computes: a resumed run may
 # change them (``--resume`` compares every other field with the interrupted run's).
-RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "checkpoint_every", "trace_dir"})
+RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "checkpoint_every", "trace_dir", "device"})
 
 
 class ConfigError(ValueError):
@@ -112,7 +112,11 @@ class TrainConfig:
     extra_train: dict[str, str] = option(factory=dict, metavar="TASK=FILE",
                                          help="extra training rows for TASK, repeatable (not counted in the sampler's N_i)")
     precision: str = option("auto", choices=PRECISIONS,
-                            help="auto: bf16 autocast where the CPU has native bf16, else fp32")
+                            help="auto: bf16 autocast on GPUs with bf16 (else fp16 + gradient scaling) and on CPUs "
+                                 "with native bf16, else fp32")
+    device: str = option("auto", metavar="DEVICE",
+                         help="auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda | cuda:N; under "
+                              "accelerate launch each process uses the GPU accelerate assigns")
     seed: int = option(0, help="seed of every random choice of the run")
     patience: int = option(2, help="early stopping after this many epochs without dev improvement")
     max_train_examples: int | None = option(None, help="use only the first N training rows per task")
@@ -171,6 +175,9 @@ class TrainConfig:
         for name in ("patience", "checkpoint_every", "simcse_epochs", "staggered_epochs"):
             if getattr(self, name) < 0:
                 fail(name, "must be 0 or more")
+        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
+                                                                and self.device[5:].isdigit()):
+            fail("device", f"{self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.lr <= 0:
             fail("lr", "must be positive")
         if self.head_lr is not None and self.head_lr <= 0:

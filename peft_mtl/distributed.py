@@ -49,7 +49,7 @@ class Dist:
         if not self.enabled or not params:
             return
         parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-        parts.append(torch.tensor([0.0 if p.grad is None else 1.0 for p in params]))
+        parts.append(torch.tensor([0.0 if p.grad is None else 1.0 for p in params], device=params[0].device))
         flat = torch.cat(parts)
         torch.distributed.all_reduce(flat)
         flat /= self.world
@@ -73,7 +73,9 @@ class Dist:
         """True on every rank if ``flag`` is true on any (one tiny all-reduce; local when alone)."""
         if not self.enabled:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+        from .device import current
+
+        t = torch.tensor([1.0 if flag else 0.0], device=current())  # NCCL reduces device tensors only
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item() > 0)
 
@@ -89,5 +91,8 @@ def setup() -> Dist:
         return Dist()
     from accelerate import Accelerator
 
+    from .device import use_device
+
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    use_device(accelerator.device)  # each rank its own GPU (NCCL), or the CPU (gloo)
     return Dist(rank=accelerator.process_index, world=accelerator.num_processes, accelerator=accelerator)

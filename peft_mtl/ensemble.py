@@ -134,15 +134,14 @@ def _batched_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members:
             pooled_segments = []
             for seg in batch.inputs:
                 stacked = {key: v.repeat(k, 1) for key, v in seg.items()}
-                hidden = base.model.encoder(**stacked).last_hidden_state
-                pooled_segments.append((hidden, stacked["attention_mask"]))
+                pooled_segments.append(base.model.hidden_states(stacked))
             for m in range(k):
                 rows = slice(m * n, (m + 1) * n)
                 pooled = [pool(h[rows], mask[rows], poolings[m]) for h, mask in pooled_segments]
                 out = heads[m](pooled)
                 if spec.kind == "regression":
                     out = out.squeeze(-1)
-                per_member[m].append(out.float().numpy())
+                per_member[m].append(out.float().cpu().numpy())
             order.append(batch.indices)
             bar.update(n)
     bar.close()
@@ -192,15 +191,15 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
     inputs = pad_sequences(rows, base.pad_id)
     results: list[dict | None] = [None] * len(requests)
     with torch.inference_mode(), autocast(base.precision):
-        hidden = base.model.encoder(**inputs, adapter_names=names).last_hidden_state
+        hidden, mask = base.model.hidden_states(inputs, adapter_names=names)
         for t in dict.fromkeys(tasks):
             idx = [i for i, task in enumerate(tasks) if task == t]
             key = f"{name}{SEP}{t}"
-            pooled = pool(hidden[idx], inputs["attention_mask"][idx], base.model.head_pooling.get(key, "mean"))
+            pooled = pool(hidden[idx], mask[idx], base.model.head_pooling.get(key, "mean"))
             out = base.model.heads[key]([pooled]).float()
             if base.spec(t, name).kind == "regression":
                 out = out.squeeze(-1)
-            for i, pred in zip(idx, format_predictions(base.spec(t, name), out.numpy())):
+            for i, pred in zip(idx, format_predictions(base.spec(t, name), out.cpu().numpy())):
                 results[i] = pred
     return results  # type: ignore[return-value]
 

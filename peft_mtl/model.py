@@ -69,7 +69,7 @@ class MultiTaskModel(nn.Module):
         if self._captured is not None:
             self._captured.append(output)
         if self._noise:
-            return output + self._noise.pop(0).to(output.dtype)
+            return output + self._noise.pop(0).to(device=output.device, dtype=output.dtype)
         return output
 
     @contextmanager
@@ -127,10 +127,25 @@ class MultiTaskModel(nn.Module):
             self.__dict__["_uses_token_types"] = takes and getattr(base.config, "type_vocab_size", 2) >= 2
         return self.__dict__["_uses_token_types"]
 
-    def encode(self, inputs: dict[str, torch.Tensor], pooling: str | None = None) -> torch.Tensor:
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.word_embeddings.weight.device
+
+    def hidden_states(self, inputs: dict[str, torch.Tensor], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last hidden states, attention mask) of a padded batch, on the model's device.
+
+        Batches are built on the CPU; segment ids are passed only to encoders that have them.
+        """
+        device = self.device
+        if inputs["input_ids"].device != device:
+            inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         extra = {"token_type_ids": inputs["token_type_ids"]} if self.uses_token_types else {}
-        out = self.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra)
-        return pool(out.last_hidden_state, inputs["attention_mask"], pooling or self.pooling)
+        out = self.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra, **kwargs)
+        return out.last_hidden_state, inputs["attention_mask"]
+
+    def encode(self, inputs: dict[str, torch.Tensor], pooling: str | None = None) -> torch.Tensor:
+        hidden, mask = self.hidden_states(inputs)
+        return pool(hidden, mask, pooling or self.pooling)
 
     def forward(self, key: str, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Outputs of head ``key``: logits ``(B, C)``, or scores ``(B,)`` for regression."""

@@ -84,6 +84,7 @@ class TrainingStep:
     max_grad_norm: float
     surgery: PCGrad | None = None
     dist: Dist = field(default_factory=Dist)
+    scaler: object | None = None  # torch.amp.GradScaler under fp16 autocast (CUDA without bf16)
 
     def __post_init__(self):
         self.params = optimizer_parameters(self.optimizer)
@@ -97,9 +98,9 @@ class TrainingStep:
             loss = self.objective(self.model, batch)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(task, loss.item())
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.item()
-            if self.surgery is not None:
+            if self.surgery is not None:  # a uniform loss scale leaves PCGrad's projections unchanged
                 self.surgery.take(self.shared)
         if self.surgery is not None:
             self.surgery.apply(self.shared)
@@ -108,8 +109,14 @@ class TrainingStep:
     def update(self) -> None:
         """All-reduce, clip, step (the gradients must be in place)."""
         self.dist.average_gradients(self.params)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.objective.after_step()
 

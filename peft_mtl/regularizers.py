@@ -22,10 +22,11 @@ import sys
 
 import torch
 
+from . import device
 from .config import TrainConfig
 from .kernels import all_dropout_pairable
 from .losses import get_loss
-from .runtime import autocast
+from .device import autocast
 from .smart import BregmanProximal, smart_random_paired, smart_regularizer
 from .tasks import TaskSpec, get_task
 
@@ -52,7 +53,7 @@ class Objective:
         self.cfg, self.smart, self.precision = cfg, cfg.smart, precision
         self.bregman = (BregmanProximal(model, cfg.smart.bregman_mu, cfg.smart.bregman_beta)
                         if cfg.smart.bregman_mu > 0 else None)
-        self.noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * rank + 0x5A)
+        self.noise = device.generator(cfg.seed * 1_000_003 + 7919 * rank + 0x5A)
         self._pairable: bool | None = None
         if precision == "bf16" and self.smart.precision == "train" and self.uses_smart \
                 and self.smart.epsilon < _BF16_VISIBLE_EPSILON:
@@ -83,7 +84,7 @@ class Objective:
         task = get_task(batch.task)
         loss_fn = get_loss(loss_name_for(self.cfg, task))
         weight = self.smart.weight_for(task.name)
-        masks = torch.get_rng_state()  # the clean pass's dropout masks, replayed by every other pass
+        masks = device.rng_state()  # the clean pass's dropout masks, replayed by every other pass
         terms: dict[str, torch.Tensor] = {}
         with autocast(self.precision_for(task.name)):
             if weight > 0 and self.smart.steps == 0 and self._paired_pass_possible(model):
@@ -92,14 +93,14 @@ class Objective:
                 with model.capture_embeddings() as embeddings:
                     output = model(task.name, batch.inputs)
                 reg = self._smart(model, task, batch, output, list(embeddings), masks) if weight > 0 else None
-            terms["task"] = loss_fn(output, batch.labels, alpha=self.cfg.ordinal_alpha)
+            terms["task"] = loss_fn(output, batch.labels.to(output.device), alpha=self.cfg.ordinal_alpha)
             if reg is not None:
                 terms["smart"] = weight * reg
             if self.bregman is not None:
-                after = torch.get_rng_state()
-                torch.set_rng_state(masks)
+                after = device.rng_state()
+                device.set_rng_state(masks)
                 reference = self.bregman.reference_output(model, task.name, batch.inputs)
-                torch.set_rng_state(after)
+                device.set_rng_state(after)
                 terms["bregman"] = self.bregman.penalty(task.kind, output, reference)
         return terms
 

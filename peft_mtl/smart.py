@@ -57,13 +57,15 @@ def output_divergence(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
 
 @contextmanager
 def replay_rng(state: torch.Tensor):
-    """Run a block with the global RNG set to ``state`` (same dropout masks), then restore it."""
-    saved = torch.get_rng_state()
-    torch.set_rng_state(state)
+    """Run a block with the dropout generator set to ``state`` (same masks), then restore it."""
+    from . import device
+
+    saved = device.rng_state()
+    device.set_rng_state(state)
     try:
         yield
     finally:
-        torch.set_rng_state(saved)
+        device.set_rng_state(saved)
 
 
 def _per_example_max(t: torch.Tensor) -> torch.Tensor:
@@ -97,10 +99,12 @@ def smart_regularizer(forward: Callable[[list[torch.Tensor]], torch.Tensor], cle
         generator: where the random start N(0, σ²) is drawn from (not the global RNG,
             whose state belongs to the dropout masks).
     """
+    masks = [mask.to(emb.device) for mask, emb in zip(masks, embeddings)]  # batches are built on the CPU
     noise = []
     for emb, mask in zip(embeddings, masks):
         m = mask.unsqueeze(-1).to(torch.float32)
-        noise.append(project(torch.randn(emb.shape, dtype=torch.float32, generator=generator) * settings.sigma * m,
+        noise.append(project(torch.randn(emb.shape, dtype=torch.float32, generator=generator, device=emb.device)
+                             * settings.sigma * m,
                              settings.epsilon, settings.norm))
     target = clean_output.detach()
     for _ in range(settings.steps):
@@ -141,7 +145,9 @@ def smart_random_paired(model: nn.Module, key: str, inputs: list[dict[str, torch
     noise = []
     for seg in inputs:
         m = seg["attention_mask"].unsqueeze(-1).to(torch.float32)
-        delta = project(torch.randn(*seg["input_ids"].shape, hidden, generator=generator) * settings.sigma * m,
+        where = model.embeddings.word_embeddings.weight.device
+        delta = project(torch.randn(*seg["input_ids"].shape, hidden, generator=generator, device=where)
+                        * settings.sigma * m.to(where),
                         settings.epsilon, settings.norm)
         noise.append(torch.cat([torch.zeros_like(delta), delta]))
     doubled = [{k: torch.cat([v, v]) for k, v in seg.items()} for seg in inputs]

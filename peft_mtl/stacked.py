@@ -61,8 +61,9 @@ def stack_members(encoder: nn.Module, members: list[list[str]], dtype: torch.dty
             continue
         rank = max(a.shape[0] for a, _ in factors if a is not None)
         d_in, d_out = layer.in_features, layer.out_features
-        A = torch.zeros(len(members), d_in, rank, dtype=dtype)
-        B = torch.zeros(len(members), rank, d_out, dtype=dtype)
+        where = layer.base_layer.weight.device
+        A = torch.zeros(len(members), d_in, rank, dtype=dtype, device=where)
+        B = torch.zeros(len(members), rank, d_out, dtype=dtype, device=where)
         for m, (a, b) in enumerate(factors):
             if a is not None:
                 A[m, :, :a.shape[0]] = a.detach().t()

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import device
 from .backbone import (backbone_identity, count_parameters, load_encoder, load_quantized_encoder, load_tokenizer,
                        resolve_backbone, set_dropout)
 from .config import TrainConfig
@@ -187,6 +188,7 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     started = time.time()
     configure_threads()
     seed_everything(cfg.seed)
+    where = device.current() if dist.enabled else device.use_device(device.resolve_device(cfg.device))
     precision = resolve_precision(cfg.precision)
     saved = ckpt.load(out) if resume else None
     if saved is not None:
@@ -208,13 +210,16 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     pad_id = tokenizer.pad_token_id or 0
 
     model = build_model(cfg, encoder, encoder.config.hidden_size)
+    # bitsandbytes placed a quantized encoder itself; everything else goes to the device here.
+    (model.heads if cfg.quantize else model).to(where)
     model.train()
     if dist.enabled:
         # Same initial weights everywhere (seeded above), different dropout masks per rank.
         torch.manual_seed(cfg.seed + 7919 * dist.rank)
     trainable, total = count_parameters(model)
     log(f"backbone {backbone_name} ({identity.num_layers} layers, {identity.hidden_size} wide), mode {cfg.mode}, "
-        f"tasks {','.join(cfg.task_names)}, precision {precision}; trainable parameters {trainable:,} of {total:,} "
+        f"tasks {','.join(cfg.task_names)}, {device.name()}, precision {precision}; "
+        f"trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.2f}%)")
     if saved is None and cfg.simcse_epochs:
         run_simcse(model, cfg, train_splits, precision, pad_id, progress and dist.is_main, log)
@@ -226,7 +231,8 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_ratio)
     objective = Objective(model, cfg, precision, dist.rank)
     surgery = PCGrad(cfg.seed) if cfg.pcgrad else None
-    step = TrainingStep(model, objective, optimizer, scheduler, cfg.max_grad_norm, surgery, dist)
+    step = TrainingStep(model, objective, optimizer, scheduler, cfg.max_grad_norm, surgery, dist,
+                        device.grad_scaler(precision))
     if surgery is not None and not step.shared:
         log("pcgrad: the tasks share no trainable parameters here (independent adapters or heads only); "
             "their gradients are used as they are")
@@ -373,7 +379,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(state):
         digest.update(name.encode())
-        digest.update(state[name].float().numpy().tobytes())
+        digest.update(state[name].float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 

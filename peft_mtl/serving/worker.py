@@ -216,20 +216,18 @@ class Worker:
                 rows.extend(encoded.segments[0])
             groups.append((name, task, RowGroup(start, len(rows), self._factors(name, task))))
         inputs = pad_sequences(rows, base.pad_id)
-        extra = {"token_type_ids": inputs["token_type_ids"]} if base.model.uses_token_types else {}
         with autocast(base.precision), grouped_lora(base.model.encoder, [g for _, _, g in groups]):
-            hidden = base.model.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                        **extra).last_hidden_state
+            hidden, mask = base.model.hidden_states(inputs)
         results: list[list[dict]] = [[] for _ in jobs]
         for name, task, group in groups:
             key = f"{name}{SEP}{task}"
-            pooled = pool(hidden[group.start:group.end], inputs["attention_mask"][group.start:group.end],
+            pooled = pool(hidden[group.start:group.end], mask[group.start:group.end],
                           base.model.head_pooling.get(key, "mean"))
             out = base.model.heads[key]([pooled]).float()
             spec = base.spec(task, name)
             if spec.kind == "regression":
                 out = out.squeeze(-1)
-            predictions = format_predictions(spec, out.numpy())
+            predictions = format_predictions(spec, out.cpu().numpy())
             for i in order[(name, task)]:
                 s, e = spans[i]
                 results[i] = predictions[s - group.start:e - group.start]
