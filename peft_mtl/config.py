@@ -48,7 +48,13 @@ class SmartSettings:
     # 0 keeps the random N(0, σ²) perturbation without ascent (as in R3F, Aghajanyan et al.
     # 2021): one forward/backward less per step (bench: lora_smart_t0).
     steps: int = option(1, help="ascent steps T (0: random perturbation only, one pass cheaper)")
-    norm: str = option("inf", choices=("inf", "l2"), help="the ball the perturbation is projected into")
+    norm: str = option("inf", choices=("inf", "l2"), help="the norm of the perturbation's ball (or normalisation)")
+    # "ball" is the paper's formula; at ε = 1e-5 its divergence is ~1e-10 and the term has no
+    # measurable effect (reports/multitask.md). "normalize" is what the public SMART code the
+    # seeds used does: the ascent step is rescaled to unit norm, ε only guards the division.
+    projection: str = option("ball", choices=("ball", "normalize"),
+                             help="ball: project the perturbation onto the epsilon-ball (the paper); normalize: "
+                                  "rescale each ascent step to unit norm, as the public SMART code does")
     # bf16's spacing near 1 is 2^-7 ≈ 0.008: an ε = 1e-5 perturbation vanishes when the
     # perturbed activations are cast to bf16, so by default SMART's passes run in fp32.
     precision: str = option("fp32", choices=SMART_PRECISIONS,
@@ -152,9 +158,8 @@ class TrainConfig:
         names = [spec.name for spec in resolve_tasks(self.tasks, self.strict_data)]
         for path, allowed in (("mode", MODES), ("pair_encoding", PAIR_ENCODINGS), ("pooling", ("mean", "cls")),
                               ("precision", PRECISIONS), ("smart.norm", ("inf", "l2")),
-                              ("smart.precision", SMART_PRECISIONS)):
-            value = self.smart.norm if path == "smart.norm" else (
-                self.smart.precision if path == "smart.precision" else getattr(self, path))
+                              ("smart.precision", SMART_PRECISIONS), ("smart.projection", ("ball", "normalize"))):
+            value = getattr(self.smart, path.split(".")[1]) if path.startswith("smart.") else getattr(self, path)
             if value not in allowed:
                 fail(path, f"must be one of {', '.join(allowed)}, got {value!r}")
         if self.sampling not in SAMPLERS:

@@ -84,6 +84,22 @@ def project(delta: torch.Tensor, epsilon: float, norm: str) -> torch.Tensor:
     return delta * scale
 
 
+def constrain(delta: torch.Tensor, settings: SmartSettings, start: bool = False) -> torch.Tensor:
+    """Keep a perturbation in bounds, the way ``settings.projection`` says.
+
+    ``ball`` (the paper's formula): project onto the ε-ball. ``normalize`` (what the public
+    SMART code the seed reports used does — mt-dnn, smart-pytorch): the random start is left
+    as N(0, σ²) and each ascent step is rescaled to unit norm per example, ``δ / (‖δ‖ + ε)``;
+    there ε only guards the division, so the perturbation has norm ~1, not ε.
+    """
+    if settings.projection == "ball":
+        return project(delta, settings.epsilon, settings.norm)
+    if start:
+        return delta
+    size = _per_example_max(delta) if settings.norm == "inf" else _per_example_l2(delta)
+    return delta / (size + settings.epsilon)
+
+
 def smart_regularizer(forward: Callable[[list[torch.Tensor]], torch.Tensor], clean_output: torch.Tensor,
                       embeddings: list[torch.Tensor], masks: list[torch.Tensor], kind: str,
                       settings: SmartSettings, rng_state: torch.Tensor,
@@ -103,9 +119,8 @@ def smart_regularizer(forward: Callable[[list[torch.Tensor]], torch.Tensor], cle
     noise = []
     for emb, mask in zip(embeddings, masks):
         m = mask.unsqueeze(-1).to(torch.float32)
-        noise.append(project(torch.randn(emb.shape, dtype=torch.float32, generator=generator, device=emb.device)
-                             * settings.sigma * m,
-                             settings.epsilon, settings.norm))
+        noise.append(constrain(torch.randn(emb.shape, dtype=torch.float32, generator=generator, device=emb.device)
+                               * settings.sigma * m, settings, start=True))
     target = clean_output.detach()
     for _ in range(settings.steps):
         for d in noise:
@@ -121,7 +136,7 @@ def smart_regularizer(forward: Callable[[list[torch.Tensor]], torch.Tensor], cle
             if g is None:
                 g = torch.zeros_like(d)
             scale = _per_example_max(g) if settings.norm == "inf" else _per_example_l2(g)
-            stepped.append(project((d + settings.step_size * g / scale) * m, settings.epsilon, settings.norm).detach())
+            stepped.append(constrain((d + settings.step_size * g / scale) * m, settings).detach())
         noise = stepped
     with replay_rng(rng_state):
         adv = forward(noise)
@@ -146,9 +161,8 @@ def smart_random_paired(model: nn.Module, key: str, inputs: list[dict[str, torch
     for seg in inputs:
         m = seg["attention_mask"].unsqueeze(-1).to(torch.float32)
         where = model.embeddings.word_embeddings.weight.device
-        delta = project(torch.randn(*seg["input_ids"].shape, hidden, generator=generator, device=where)
-                        * settings.sigma * m.to(where),
-                        settings.epsilon, settings.norm)
+        delta = constrain(torch.randn(*seg["input_ids"].shape, hidden, generator=generator, device=where)
+                          * settings.sigma * m.to(where), settings, start=True)
         noise.append(torch.cat([torch.zeros_like(delta), delta]))
     doubled = [{k: torch.cat([v, v]) for k, v in seg.items()} for seg in inputs]
     with model.perturbed_embeddings(noise), paired_dropout():

@@ -229,3 +229,22 @@ def test_bregman_average_follows_the_momentum_formula(tiny_model_factory):
 def test_simcse_loss_prefers_matching_pairs():
     z = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
     assert simcse_loss(z, z, 0.05) < simcse_loss(z, z.roll(1, 0), 0.05)
+
+
+def test_normalize_projection_rescales_ascent_steps_to_unit_norm_and_is_zero_without_noise(tiny_model_factory,
+                                                                                          tiny_backbone):
+    """The public-code variant: the perturbation after an ascent step has unit ℓ∞ norm per
+    example (ε only guards the division), so R_s is far larger than inside a 1e-5 ball."""
+    from peft_mtl.smart import constrain
+
+    d = torch.randn(3, 5, 4)
+    normalized = constrain(d, SmartSettings(projection="normalize", epsilon=1e-6))
+    assert torch.allclose(normalized.abs().flatten(1).amax(1), torch.ones(3), atol=1e-5)
+    start = constrain(d, SmartSettings(projection="normalize"), start=True)
+    assert torch.equal(start, d), "the random start stays N(0, sigma^2)"
+    model = noisy_model(tiny_model_factory)
+    b = batch(tiny_backbone)
+    ball = smart_term(model, b, epsilon=1e-5, sigma=1e-5, step_size=1e-3)
+    unit = smart_term(model, b, epsilon=1e-5, sigma=1e-5, step_size=1e-3, projection="normalize")
+    assert unit > 1e3 * ball > 0
+    assert smart_term(model, b, epsilon=1e-5, sigma=0.0, step_size=0.0, steps=0, projection="normalize") == 0.0
