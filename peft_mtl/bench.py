@@ -86,7 +86,9 @@ def _our_training_step(cfg, splits, batch_size: int, seed: int = 0):
         from .backbone import set_dropout
 
         set_dropout(encoder, cfg.backbone_dropout)
-    model = build_model(cfg, encoder, encoder.config.hidden_size)
+    from .device import current
+
+    model = build_model(cfg, encoder, encoder.config.hidden_size).to(current())
     model.train()
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(optimizer, 10_000, 0.0)
@@ -111,7 +113,10 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
     from .runtime import configure_threads, resolve_precision
     from .tasks import get_task
 
+    from .device import resolve_device, use_device
+
     threads = configure_threads()
+    use_device(resolve_device("auto"))  # a GPU when there is one: both pipelines are timed on it
     precision = resolve_precision("auto")
     name, path = resolve_backbone(None)
     tokenizer = load_tokenizer(path)

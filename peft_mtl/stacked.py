@@ -90,11 +90,19 @@ def stacked_lora(stacked: dict[nn.Module, StackedLayer | None]) -> Iterator[None
     The batch dimension of every input must be k × n with member m's copy in rows
     ``m*n:(m+1)*n``. Whatever adapters peft has active are ignored inside the block.
     """
+    with _forwards_replaced({layer: (lambda x, *a, _l=layer, _f=factors, **kw: _stacked_forward(_l, _f, x, *a, **kw))
+                             for layer, factors in stacked.items()}):
+        yield
+
+
+@contextmanager
+def _forwards_replaced(forwards: dict[nn.Module, object]) -> Iterator[None]:
+    """Give each layer another forward for the block; put back whatever it had (kernels' own patch included)."""
     patched = []
     try:
-        for layer, factors in stacked.items():
+        for layer, forward in forwards.items():
             patched.append((layer, layer.__dict__.get("forward")))
-            layer.forward = lambda x, *a, _l=layer, _f=factors, **kw: _stacked_forward(_l, _f, x, *a, **kw)
+            layer.forward = forward
         yield
     finally:
         for layer, previous in patched:
@@ -153,15 +161,6 @@ def grouped_lora(encoder: nn.Module, groups: list[RowGroup]) -> Iterator[None]:
     product only over its own contiguous rows — no gathers, no per-adapter masks.
     Whatever adapters peft has active are ignored inside the block.
     """
-    patched = []
-    try:
-        for layer in _lora_linears(encoder):
-            patched.append((layer, layer.__dict__.get("forward")))
-            layer.forward = lambda x, *a, _l=layer, **kw: _grouped_forward(_l, groups, x, *a, **kw)
+    with _forwards_replaced({layer: (lambda x, *a, _l=layer, **kw: _grouped_forward(_l, groups, x, *a, **kw))
+                             for layer in _lora_linears(encoder)}):
         yield
-    finally:
-        for layer, previous in patched:
-            if previous is None:
-                del layer.forward
-            else:
-                layer.forward = previous
