@@ -253,3 +253,16 @@ def test_admin_is_off_without_a_token_file(base):
         r = client.post("/v1/sets", json={"name": "x", "folder": "y"}, headers={"Authorization": "Bearer abc"})
         assert r.status_code == 403 and "--admin-token-file" in r.json()["detail"]
         assert client.delete("/v1/sets/multi").status_code == 403
+
+
+def test_a_batch_splits_into_two_passes_only_when_that_saves_padding():
+    from peft_mtl.serving.worker import split_by_length
+
+    def block(name, rows, length):
+        return (name, "sst", [0], [[{"input_ids": [1] * length}] * rows])
+
+    short, long_ = block("a", 20, 8), block("b", 4, 60)
+    assert [[b[0] for b in p] for p in split_by_length([short, long_])] == [["a"], ["b"]]
+    similar = [block("a", 10, 20), block("b", 10, 24)]
+    assert len(split_by_length(similar)) == 1
+    assert len(split_by_length([short])) == 1

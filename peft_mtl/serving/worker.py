@@ -202,24 +202,36 @@ class Worker:
 
     @torch.inference_mode()
     def _grouped_pass(self, jobs: list[PredictJob]) -> list[list[dict]]:
-        """One encoder pass for every job; rows grouped by (set, task), each group its own head."""
+        """Every job's predictions from as few encoder passes as pay: rows grouped by (set, task),
+        each group with its own LoRA deltas and head; one pass, or two split by length when that
+        cuts the padded tokens by a quarter or more (short sentences padded to long pairs)."""
         base = self.base
         order: dict[tuple[str, str], list[int]] = {}
         for i, job in enumerate(jobs):
             order.setdefault((job.set, job.task), []).append(i)
-        rows, groups, spans = [], [], {}
+        blocks = []  # (set, task, job indices, encoded rows per job)
         for (name, task), members in order.items():
-            start = len(rows)
-            for i in members:
-                encoded = base.encode(task, jobs[i].inputs, name)
-                spans[i] = (len(rows), len(rows) + len(jobs[i].inputs))
-                rows.extend(encoded.segments[0])
-            groups.append((name, task, RowGroup(start, len(rows), self._factors(name, task))))
-        inputs = pad_sequences(rows, base.pad_id)
-        with autocast(base.precision), grouped_lora(base.model.encoder, [g for _, _, g in groups]):
-            hidden, mask = base.model.hidden_states(inputs)
+            encoded = [base.encode(task, jobs[i].inputs, name).segments[0] for i in members]
+            blocks.append((name, task, members, encoded))
+        blocks.sort(key=lambda b: max(len(r["input_ids"]) for rows in b[3] for r in rows))
         results: list[list[dict]] = [[] for _ in jobs]
-        for name, task, group in groups:
+        for part in split_by_length(blocks):
+            self._pass(part, results)
+        return results
+
+    def _pass(self, blocks: list, results: list[list[dict]]) -> None:
+        base = self.base
+        rows, groups, spans = [], [], {}
+        for name, task, members, encoded in blocks:
+            start = len(rows)
+            for i, job_rows in zip(members, encoded):
+                spans[i] = (len(rows), len(rows) + len(job_rows))
+                rows.extend(job_rows)
+            groups.append((name, task, members, RowGroup(start, len(rows), self._factors(name, task))))
+        inputs = pad_sequences(rows, base.pad_id)
+        with autocast(base.precision), grouped_lora(base.model.encoder, [g for _, _, _, g in groups]):
+            hidden, mask = base.model.hidden_states(inputs)
+        for name, task, members, group in groups:
             key = f"{name}{SEP}{task}"
             pooled = pool(hidden[group.start:group.end], mask[group.start:group.end],
                           base.model.head_pooling.get(key, "mean"))
@@ -228,7 +240,21 @@ class Worker:
             if spec.kind == "regression":
                 out = out.squeeze(-1)
             predictions = format_predictions(spec, out.cpu().numpy())
-            for i in order[(name, task)]:
+            for i in members:
                 s, e = spans[i]
                 results[i] = predictions[s - group.start:e - group.start]
-        return results
+
+
+def split_by_length(blocks: list) -> list[list]:
+    """Blocks sorted by their longest row → one pass, or two if that saves ≥ 25% of padded tokens."""
+    sizes = [sum(len(rows) for rows in b[3]) for b in blocks]
+    longest = [max(len(r["input_ids"]) for rows in b[3] for r in rows) for b in blocks]
+    single = sum(sizes) * (longest[-1] if longest else 0)
+    best, cut = single, None
+    for k in range(1, len(blocks)):
+        cost = sum(sizes[:k]) * longest[k - 1] + sum(sizes[k:]) * longest[-1]
+        if cost < best:
+            best, cut = cost, k
+    if cut is None or best > 0.75 * single:
+        return [blocks]
+    return [blocks[:cut], blocks[cut:]]
