@@ -125,8 +125,9 @@ class TrainConfig:
                               "accelerate launch each process uses the GPU accelerate assigns")
     seed: int = option(0, help="seed of every random choice of the run")
     patience: int = option(2, help="early stopping after this many epochs without dev improvement")
-    max_train_examples: int | None = option(None, help="use only the first N training rows per task")
-    max_eval_examples: int | None = option(None, help="use only the first N dev rows per task")
+    max_train_examples: int | None = option(None, help="use at most N training rows per task (a seeded random "
+                                                             "sample: task files are often sorted by label)")
+    max_eval_examples: int | None = option(None, help="use at most N dev rows per task (a seeded random sample)")
     eval_batch_size: int = option(128, help="examples per evaluation batch")
     strict_data: bool = option(False, flag="--strict", help="malformed rows are errors instead of being skipped")
     checkpoint_every: int = option(200, help="steps between resumable checkpoints (0: only at epoch ends)")

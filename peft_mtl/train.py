@@ -12,6 +12,7 @@ checkpoints in ``checkpoint`` — and knows nothing of the others.
 from __future__ import annotations
 
 import hashlib
+import zlib
 import json
 import math
 import os
@@ -318,21 +319,34 @@ def load_task_data(cfg: TrainConfig, tokenizer, data_dir: Path) -> tuple[dict[st
     for name in cfg.task_names:
         task = get_task(name)
         real = _load_reported(task_file(data_dir, task, "train"), task, cfg.strict_data)
-        real.examples = real.examples[: cfg.max_train_examples] if cfg.max_train_examples else real.examples
+        real.examples = sample_rows(real.examples, cfg.max_train_examples, cfg.seed, name, "train")
         sizes[name] = len(real.examples)
         if name in cfg.extra_train:
             extra = _load_reported(Path(cfg.extra_train[name]), task, cfg.strict_data)
             real.examples = real.examples + extra.examples
             log(f"{name}: +{len(extra.examples)} extra training rows from {extra.path} (sampler still uses N={sizes[name]})")
         dev_split = _load_reported(task_file(data_dir, task, "dev"), task, cfg.strict_data)
-        if cfg.max_eval_examples:
-            dev_split.examples = dev_split.examples[: cfg.max_eval_examples]
+        dev_split.examples = sample_rows(dev_split.examples, cfg.max_eval_examples, cfg.seed, name, "dev")
         train[name] = encode_split(real, tokenizer, cfg.max_length, cfg.pair_encoding)
         dev[name] = encode_split(dev_split, tokenizer, cfg.max_length, cfg.pair_encoding)
         for split_name, enc in (("train", train[name]), ("dev", dev[name])):
             if enc.truncated:
                 log(f"{name} {split_name}: {enc.truncated} inputs longer than {cfg.max_length} tokens were truncated")
     return train, dev, sizes
+
+
+def sample_rows(examples: list, limit: int | None, seed: int, task: str, split: str) -> list:
+    """At most ``limit`` rows: a seeded random sample, kept in file order.
+
+    Not the first ``limit`` rows: task files are often ordered (the SST files are sorted by
+    label — their first 1,000 training rows are 80% positive), and a prefix would train and
+    evaluate on a skewed slice.
+    """
+    if not limit or len(examples) <= limit:
+        return examples
+    rng = np.random.default_rng([seed, zlib.crc32(f"{task}/{split}".encode())])
+    keep = np.sort(rng.choice(len(examples), size=limit, replace=False))
+    return [examples[i] for i in keep]
 
 
 def _load_reported(path: Path, task, strict: bool) -> LoadedSplit:

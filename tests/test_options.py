@@ -100,3 +100,15 @@ def test_lora_variants_reach_peft(tiny_model_factory):
     cfg = TrainConfig(tasks=["sst"])
     cfg.lora.use_dora = True
     assert any("lora_magnitude" in n for n, _ in tiny_model_factory(cfg).named_parameters())
+
+
+def test_row_limits_take_a_seeded_sample_not_a_sorted_prefix():
+    """Task files are often ordered by label (SST's are): a prefix would be one-sided."""
+    from peft_mtl.train import sample_rows
+
+    rows = [("pos", i) for i in range(800)] + [("neg", i) for i in range(800)]
+    picked = sample_rows(rows, 200, 0, "sst", "train")
+    assert len(picked) == 200 and picked == sorted(picked, key=rows.index), "file order is kept"
+    assert 60 < sum(r[0] == "neg" for r in picked) < 140
+    assert picked == sample_rows(rows, 200, 0, "sst", "train") != sample_rows(rows, 200, 1, "sst", "train")
+    assert sample_rows(rows, 5000, 0, "sst", "train") is rows
