@@ -37,9 +37,9 @@ batch=lambda: {"sst": s["sst"].next()}
 for i in range(3): step(batch())
 if "profile" in flags:
     from torch.profiler import profile
-    with profile() as prof:
+    with profile(record_shapes=("shapes" in flags)) as prof:
         for i in range(5): step(batch())
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print(prof.key_averages(group_by_input_shape=("shapes" in flags)).table(sort_by="self_cpu_time_total", row_limit=25))
 t=time.perf_counter(); N=20
 for i in range(N): step(batch())
 el=time.perf_counter()-t

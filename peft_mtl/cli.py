@@ -76,7 +76,8 @@ def cmd_eval(args, argv) -> int:
     from .inference import load_adapters
     from .metrics import overall_score
 
-    base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision, device=args.device)
+    base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision, device=args.device,
+                         int8=args.int8)
     name = base.active
     tasks = base.sets[name].tasks
     splits = _load_eval_splits(tasks, args.data_dir, args.split, args.strict, base, name)
@@ -94,7 +95,8 @@ def cmd_eval(args, argv) -> int:
 def cmd_predict(args, argv) -> int:
     from .inference import load_adapters
 
-    base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision, device=args.device)
+    base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision, device=args.device,
+                         int8=args.int8)
     task = base.spec(args.task)
     inputs: list = []
     if args.pairs_file:
@@ -129,7 +131,7 @@ def cmd_ensemble(args, argv) -> int:
         raise ValueError("an ensemble needs at least two adapter-set folders")
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     backbone = args.backbone or read_manifest(folders[0]).get("backbone_source")
-    base = load_base(backbone, precision=args.precision, device=args.device)
+    base = load_base(backbone, precision=args.precision, device=args.device, int8=args.int8)
     names = [base.load(f, name=f"m{i}") for i, f in enumerate(folders)]
     shared_tasks = set.intersection(*(set(base.sets[n].tasks) for n in names))
     tasks = [t for t in base.sets[names[0]].tasks if t in shared_tasks]  # the first member's order
@@ -229,7 +231,7 @@ def cmd_serve(args, argv) -> int:
         raise FileNotFoundError(f"{root}: --sets-root is not a folder")
     config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
                          max_inputs=args.max_inputs, max_chars=args.max_chars, admin_token=token, sets_root=root)
-    serve(args.sets, args.host, args.port, config, args.backbone, args.precision, args.device)
+    serve(args.sets, args.host, args.port, config, args.backbone, args.precision, args.device, args.int8)
     return 0
 
 
@@ -279,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, help="override the backbone recorded in the folder")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
+    p.add_argument("--int8", action="store_true",
+                   help="run each set as an int8 ONNX Runtime graph with its adapters merged (CPU; built once, "
+                        "cached in ~/.cache/peft_mtl). Measured cost: reports/int8.md")
     p.add_argument("--strict", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -294,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None)
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
+    p.add_argument("--int8", action="store_true",
+                   help="run each set as an int8 ONNX Runtime graph with its adapters merged (CPU; built once, "
+                        "cached in ~/.cache/peft_mtl). Measured cost: reports/int8.md")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("ensemble", help="evaluate an ensemble of adapter sets on one shared backbone")
@@ -313,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None)
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
+    p.add_argument("--int8", action="store_true",
+                   help="run each set as an int8 ONNX Runtime graph with its adapters merged (CPU; built once, "
+                        "cached in ~/.cache/peft_mtl). Measured cost: reports/int8.md")
     p.add_argument("--strict", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ensemble)
@@ -336,13 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None, help="default: the first set's backbone")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
+    p.add_argument("--int8", action="store_true",
+                   help="run each set as an int8 ONNX Runtime graph with its adapters merged (CPU; built once, "
+                        "cached in ~/.cache/peft_mtl). Measured cost: reports/int8.md")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("export", help="export a set as self-contained ONNX models (adapters merged, heads included)")
+    p = sub.add_parser("export", help="export a set as self-contained ONNX or OpenVINO models (adapters merged, heads included)")
     p.add_argument("folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="onnx (OpenVINO reads .onnx directly)")
-    p.add_argument("--int8", action="store_true", help="also write an int8 model (ONNX Runtime dynamic quantization)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "openvino"],
+                   help="onnx (ONNX Runtime) or openvino (OpenVINO IR: model.xml + model.bin)")
+    p.add_argument("--int8", action="store_true", help="also write an int8 model (int8 weights per channel, "
+                                                       "activations quantized per batch)")
     p.add_argument("--backbone", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)

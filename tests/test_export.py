@@ -65,7 +65,7 @@ def test_readme_snippet_runs_without_peft_mtl_torch_or_peft(exported):
 
 
 def test_bad_exports_are_clear_errors(trained, tmp_path):
-    with pytest.raises(ExportError, match="only onnx"):
+    with pytest.raises(ExportError, match="choose one of onnx, openvino"):
         export_set(trained, tmp_path / "x", fmt="tflite")
     out = tmp_path / "exists"
     out.mkdir()
@@ -73,3 +73,19 @@ def test_bad_exports_are_clear_errors(trained, tmp_path):
     with pytest.raises(FileExistsError):
         export_set(trained, out)
     assert (out / "f").read_text() == "keep"
+
+
+def test_openvino_export_round_trips_every_task(trained, tiny_backbone, tmp_path):
+    pytest.importorskip("openvino")
+    out = tmp_path / "ov"
+    record = export_set(trained, out, fmt="openvino", int8=True)
+    assert record["format"] == "openvino"
+    assert (out / "sst" / "model.xml").is_file() and (out / "sst" / "model.bin").is_file()
+    assert not list(out.rglob("*.onnx")), "an OpenVINO export holds IR files only"
+    base = load_base(str(tiny_backbone), precision="fp32")
+    base.load(trained, name="s")
+    pairs = [("a man plays", "a man sings"), ("the cat", "stock prices fell sharply today")]
+    for task, inputs in (("sst", ["a fine film", "ok"]), ("sts", pairs)):
+        reference = base.outputs(task, base.encode(task, inputs, "s"), "s")
+        assert np.abs(run_onnx(out, task, inputs) - reference).max() < 1e-4
+        assert np.abs(run_onnx(out, task, inputs, "int8") - reference).max() < 0.2 * (1 + np.abs(reference).max())

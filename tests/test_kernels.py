@@ -102,31 +102,71 @@ def test_fused_lora_equals_the_sum_of_both_adapters_under_bf16_autocast():
         assert layer.lora_A[name].weight.grad.abs().sum() > 0 and layer.lora_B[name].weight.grad.abs().sum() > 0
 
 
+def test_fused_lora_in_fp32_gives_peft_outputs_and_gradients():
+    model, layer = _two_adapter_layer()
+    layer.base_layer.bias.requires_grad_(True)  # peft's bias="all": the fused backward covers it
+    x = torch.randn(3, 5, 48, requires_grad=True)
+
+    def run(forward):
+        model.zero_grad()
+        x.grad = None
+        out = forward(x)
+        (out * torch.linspace(-1, 1, out.shape[-1])).pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out.detach(), grads, x.grad.clone()
+
+    ours, our_grads, our_input_grad = run(layer)
+    theirs, their_grads, their_input_grad = run(lambda inp: type(layer).forward(layer, inp))
+    fn, names = layer(x).grad_fn, []
+    while fn is not None:
+        names.append(type(fn).__name__)
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    assert "_LoraLinearBackward" in names, f"fp32 takes the fused path, got {names}"
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_input_grad, their_input_grad, atol=1e-5, rtol=1e-5)
+    assert set(our_grads) == set(their_grads) and len(our_grads) == 5  # A, B of both adapters + bias
+    for name in their_grads:
+        torch.testing.assert_close(our_grads[name], their_grads[name], atol=1e-5, rtol=1e-5)
+
+
 def test_fused_lora_falls_back_to_peft_outside_its_cases():
     model, layer = _two_adapter_layer()
     x = torch.randn(5, 48)
-    # Without autocast, the fp32 path is peft's own, bit for bit.
-    assert torch.equal(fused_lora_forward(layer, x), type(layer).forward(layer, x))
+    half = x.half()
+    layer.half()  # fp16 compute: peft's path, bit for bit
+    assert torch.equal(fused_lora_forward(layer, half), type(layer).forward(layer, half))
+    layer.float()
     layer.base_layer.weight.requires_grad_(True)  # full fine-tuning: peft's path
+    assert torch.equal(fused_lora_forward(layer, x), type(layer).forward(layer, x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(fused_lora_forward(layer, x), type(layer).forward(layer, x))
 
 
-def test_inference_uses_a_merged_weight_that_follows_adapter_changes():
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_inference_uses_a_merged_weight_that_follows_adapter_changes(precision):
     model, layer = _two_adapter_layer()
-    x = torch.randn(5, 48)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    tol = dict(atol=0.05, rtol=0.02) if precision == "bf16" else dict(atol=1e-5, rtol=1e-5)
+    x = torch.randn(40, 48)  # enough rows to repay a merge
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         with torch.no_grad():
             merged = layer(x).float()
         training_path = layer(x).float().detach()
-    torch.testing.assert_close(merged, training_path, atol=0.05, rtol=0.02)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    assert layer.__dict__["_peft_mtl_merged"]["weight"].dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    torch.testing.assert_close(merged, training_path, **tol)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         layer.lora_B["task"].weight.mul_(3)  # an optimiser step: the cached merge must be redone
         after_update = layer(x).float()
         activate(model, ["shared"], trainable=False)  # a different adapter combination
         shared_only = layer(x).float()
     assert not torch.allclose(after_update, merged, atol=0.05)
-    x16 = x.bfloat16().float()
-    expected = (nn.functional.linear(x16, layer.base_layer.weight, layer.base_layer.bias)
-                + (x16 @ layer.lora_A["shared"].weight.t()) @ layer.lora_B["shared"].weight.t() * layer.scaling["shared"])
-    torch.testing.assert_close(shared_only, expected, atol=0.05, rtol=0.02)
+    xr = x.bfloat16().float() if precision == "bf16" else x
+    expected = (nn.functional.linear(xr, layer.base_layer.weight, layer.base_layer.bias)
+                + (xr @ layer.lora_A["shared"].weight.t()) @ layer.lora_B["shared"].weight.t() * layer.scaling["shared"])
+    torch.testing.assert_close(shared_only, expected, **tol)
+
+
+def test_small_inference_batches_skip_the_merge():
+    model, layer = _two_adapter_layer()
+    with torch.no_grad():
+        layer(torch.randn(2, 48))  # 2 rows < 48·40/88: the rank-r path is cheaper than a merge
+    assert "weight" not in layer.__dict__.get("_peft_mtl_merged", {})

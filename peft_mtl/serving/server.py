@@ -17,7 +17,7 @@ def parse_set(item: str) -> tuple[str | None, Path]:
 
 
 def serve(sets: list[str], host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
-          backbone: str | None = None, precision: str = "auto", device: str = "auto") -> None:
+          backbone: str | None = None, precision: str = "auto", device: str = "auto", int8: bool = False) -> None:
     """Load ``sets`` on one backbone and serve them until interrupted (SIGINT/SIGTERM)."""
     import uvicorn
 
@@ -27,7 +27,7 @@ def serve(sets: list[str], host: str = "127.0.0.1", port: int = 8000, config: Se
     parsed = [parse_set(s) for s in sets]
     if backbone is None and parsed:
         backbone = read_manifest(parsed[0][1]).get("backbone_source")
-    base = load_base(backbone, precision=precision, device=device)
+    base = load_base(backbone, precision=precision, device=device, int8=int8)
     for name, folder in parsed:
         base.load(folder, name=name)
     app = create_app(base, config)

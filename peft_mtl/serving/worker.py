@@ -146,10 +146,12 @@ class Worker:
             for name, a in self.base.sets.items()}
 
     def _groupable(self, name: str) -> bool:
-        """Sets whose rows can share the batched pass: LoRA (or heads-only) sets, cross-encoded."""
+        """Sets whose rows can share the batched pass: LoRA (or heads-only) sets, cross-encoded,
+        on the PyTorch engine (under int8 each (set, task) has its own graph)."""
         if name not in self._groupable_cache:
             aset = self.base.sets[name]
-            ok = aset.model is None and aset.pair_encoding == "cross" and not aset.manifest["config"]["lora"].get("use_dora")
+            ok = (aset.model is None and aset.pair_encoding == "cross" and self.base.int8 is None
+                  and not aset.manifest["config"]["lora"].get("use_dora"))
             self._groupable_cache[name] = bool(ok)
         return self._groupable_cache[name]
 
