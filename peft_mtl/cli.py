@@ -120,7 +120,7 @@ def cmd_predict(args, argv) -> int:
 
 
 def cmd_ensemble(args, argv) -> int:
-    from .ensemble import combine, ensemble_predictions, member_outputs
+    from .ensemble import combine, cross_fitted_predictions, ensemble_predictions, greedy_weights, member_outputs
     from .evaluate import predictions_from_outputs, score
     from .inference import load_base
     from .metrics import overall_score
@@ -130,40 +130,69 @@ def cmd_ensemble(args, argv) -> int:
     if len(folders) < 2:
         raise ValueError("an ensemble needs at least two adapter-set folders")
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    if weights is not None and args.select == "greedy":
+        raise ValueError("--weights conflicts with --select greedy: greedy selection sets the weights per task")
     backbone = args.backbone or read_manifest(folders[0]).get("backbone_source")
     base = load_base(backbone, precision=args.precision, device=args.device, int8=args.int8)
     names = [base.load(f, name=f"m{i}") for i, f in enumerate(folders)]
-    shared_tasks = set.intersection(*(set(base.sets[n].tasks) for n in names))
-    tasks = [t for t in base.sets[names[0]].tasks if t in shared_tasks]  # the first member's order
+    folder_of = dict(zip(names, folders))
+    if args.select == "greedy":  # members may differ per task: every task some member has
+        tasks = list(dict.fromkeys(t for n in names for t in base.sets[n].tasks))
+    else:
+        shared_tasks = set.intersection(*(set(base.sets[n].tasks) for n in names))
+        tasks = [t for t in base.sets[names[0]].tasks if t in shared_tasks]  # the first member's order
     if not tasks:
         raise ValueError("the folders share no task; an ensemble needs members that predict the same task")
     # Members tokenised differently (max length, cross vs bi encoding) each get their own encoding.
     layouts = {n: (base.sets[n].max_length, base.sets[n].pair_encoding) for n in names}
-    splits_by_layout = {}
-    for n in names:
-        if layouts[n] not in splits_by_layout:
-            splits_by_layout[layouts[n]] = _load_eval_splits(tasks, args.data_dir, args.split, args.strict, base, n)
-    splits = splits_by_layout[layouts[names[0]]]
+    encodings: dict = {}
+
+    def split_for(task: str, member: str):
+        key = (layouts[member], task)
+        if key not in encodings:
+            encodings[key] = _load_eval_splits([task], args.data_dir, args.split, args.strict, base, member)[task]
+        return encodings[key]
+
     result, members_result = {}, {n: {} for n in names}
-    for t, enc in splits.items():
-        if len(splits_by_layout) == 1:
-            outs = member_outputs(base, t, enc, names, batched=args.batched, progress=not args.no_progress)
+    selection: dict = {}  # task -> member weights chosen by greedy selection, and its cross-fitted score
+    for t in tasks:
+        members = [n for n in names if t in base.sets[n].tasks]
+        enc = split_for(t, members[0])
+        if len({layouts[m] for m in members}) == 1:
+            outs = member_outputs(base, t, enc, members, batched=args.batched, progress=not args.no_progress)
         else:
-            outs = [member_outputs(base, t, splits_by_layout[layouts[n]][t], [n])[0] for n in names]
-        for n, o in zip(names, outs):
+            outs = [member_outputs(base, t, split_for(t, m), [m])[0] for m in members]
+        for n, o in zip(members, outs):
             members_result[n][t] = score(enc, predictions_from_outputs(enc.task, o))
         method = args.method if enc.task.kind == "classification" else args.regression_method
-        result[t] = score(enc, ensemble_predictions(enc.task, combine(enc.task.kind, outs, weights, method)))
-    primary = {t: base.spec(t, names[0]).primary_metric for t in tasks}
+        task_weights = weights
+        if args.select == "greedy":
+            task_weights = greedy_weights(enc.task, enc.labels, outs, method=method)
+            honest, folds = cross_fitted_predictions(enc.task, enc.labels, outs, method)
+            member_folders = [str(folder_of[m]) for m in members]
+            selection[t] = {"weights": dict(zip(member_folders, task_weights)), "cross_fitted": score(enc, honest),
+                            "fold_weights": [dict(zip(member_folders, f)) for f in folds]}
+            print(f"greedy {t}: " + ", ".join(f"{f} ×{w}" for f, w in zip(member_folders, task_weights) if w),
+                  file=sys.stderr)
+        result[t] = score(enc, ensemble_predictions(enc.task, combine(enc.task.kind, outs, task_weights, method)))
+    primary = {t: base.spec(t, next(n for n in names if t in base.sets[n].tasks)).primary_metric for t in tasks}
     overall = overall_score(result, primary)
     if overall is not None:
         result["overall"] = overall
+    if selection:
+        honest_overall = overall_score({t: v["cross_fitted"] for t, v in selection.items()}, primary)
+        result["selection"] = {"method": "greedy forward selection with replacement (Caruana et al. 2004), "
+                                         "selected and scored on the same split; cross_fitted: weights chosen on "
+                                         "one half, scored on the other",
+                               "tasks": selection, "cross_fitted_overall": honest_overall}
     for n, f in zip(names, folders):
+        if not members_result[n]:
+            continue
         o = overall_score(members_result[n], primary)
         shown = " ".join(f"{t} {k} {v:.4f}" for t, m in members_result[n].items() for k, v in m.items())
         print(f"member {f}: {shown}" + (f" overall {o:.4f}" if o is not None else ""), file=sys.stderr)
     if args.record:
-        _write_ensemble_record(Path(args.record), folders, base, names, result, args)
+        _write_ensemble_record(Path(args.record), folders, base, names, dict(result), args)
     print(json.dumps(result))
     return 0
 
@@ -172,13 +201,18 @@ def _write_ensemble_record(path: Path, folders: list[Path], base, names: list[st
     from .artifacts import write_json_atomic
     from .report import folder_bytes
 
+    selection = result.pop("selection", None)
+    if selection:  # members with weight 0 on every task cost nothing: leave them out of the record's size
+        used = {f for task in selection["tasks"].values() for f, w in task["weights"].items() if w}
+        keep = [i for i, f in enumerate(folders) if str(f) in used]
+        folders, names = [folders[i] for i in keep], [names[i] for i in keep]
     manifests = [base.sets[n].manifest for n in names]
     trainable = sum(m["parameters"]["trainable"] for m in manifests)
     backbone_only = manifests[0]["parameters"]["total"] - manifests[0]["parameters"]["trainable"]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {
         "members": [str(f) for f in folders], "method": args.method, "regression_method": args.regression_method,
-        "weights": args.weights, "split": args.split, "metrics": result,
+        "weights": args.weights, "split": args.split, "metrics": result, "selection": selection,
         "backbone": manifests[0]["backbone"]["name"], "trainable": trainable, "total": backbone_only + trainable,
         "bytes_on_disk": sum(folder_bytes(f) for f in folders),
         "train_seconds": sum(m.get("train_seconds") or 0 for m in manifests),
@@ -259,8 +293,10 @@ def cmd_report(args, argv) -> int:
 def cmd_bench(args, argv) -> int:
     from . import bench
 
-    result = bench.run(Path(args.out), steps=args.steps, repeats=args.repeats, ensemble_members=args.members,
-                       quick=args.quick)
+    # --quick: fewer and shorter repeats (≤ 5 min on 2 cores), unless given explicitly.
+    steps = args.steps or (6 if args.quick else 12)
+    repeats = args.repeats or (3 if args.quick else 5)
+    result = bench.run(Path(args.out), steps=steps, repeats=repeats, ensemble_members=args.members, quick=args.quick)
     bench.write(result, Path(args.out), "peft-mtl bench " + " ".join(argv[1:]))
     print(json.dumps(result["ratios"]))
     return 0
@@ -311,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="mean", choices=["mean", "vote"], help="classification: mean probability or vote")
     p.add_argument("--regression-method", default="mean", choices=["mean", "median"])
     p.add_argument("--weights", default=None, help="comma-separated member weights (default: equal)")
+    p.add_argument("--select", default="all", choices=["all", "greedy"],
+                   help="greedy: per task, forward selection with replacement on the split (Caruana et al. 2004); "
+                        "the chosen weights and a cross-fitted score are printed and recorded")
     passes = p.add_mutually_exclusive_group()
     passes.add_argument("--batched", dest="batched", action="store_const", const=True, default=None,
                         help="all members in one forward pass per batch (stacked LoRA factors)")
@@ -370,10 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed/memory benchmark vs the plain Hugging Face pipeline -> reports/bench.{json,md}")
     p.add_argument("--out", default="reports")
-    p.add_argument("--steps", type=int, default=12, help="training steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=None, help="training steps per timed repeat (default 12, --quick 6)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 5, --quick 3)")
     p.add_argument("--members", type=int, default=5, help="ensemble size")
-    p.add_argument("--quick", action="store_true", help="skip full fine-tuning and the bert-base-sized model")
+    p.add_argument("--quick", action="store_true", help="≤ 5 min on 2 cores: fewer repeats; skips full fine-tuning, "
+                                                        "SMART T=0, the merged copy and the bert-base-sized model")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -72,6 +72,60 @@ def ensemble_predictions(task: TaskSpec, combined: np.ndarray) -> np.ndarray:
     return predictions_from_outputs(task, combined)
 
 
+def greedy_weights(task: TaskSpec, labels: np.ndarray, outputs: list[np.ndarray], rows: np.ndarray | None = None,
+                   method: str = "mean", max_rounds: int = 25) -> list[int]:
+    """Forward selection with replacement (Caruana et al., 2004) on ``task``'s primary metric.
+
+    Starts from the empty ensemble and repeatedly adds the member (again, if it is already
+    in) whose addition scores best on ``rows`` of the labelled split; stops when no addition
+    improves the score or after ``max_rounds``. Returns how often each member was picked:
+    its weight in :func:`combine` (0 = left out). Members may differ per task.
+    """
+    from .metrics import METRICS
+
+    rows = np.arange(len(labels)) if rows is None else rows
+    metric = METRICS[task.primary_metric].fn
+    sliced = [o[rows] for o in outputs]
+
+    def value(counts: list[int]) -> float:
+        combined = combine(task.kind, sliced, counts, method)
+        return metric(ensemble_predictions(task, combined), labels[rows])
+
+    counts, best = [0] * len(outputs), -np.inf
+    for _ in range(max_rounds):
+        trials = []
+        for m in range(len(outputs)):
+            trial = counts.copy()
+            trial[m] += 1
+            trials.append((value(trial), -m, trial))  # ties: the earlier member
+        score, _, trial = max(trials, key=lambda x: (x[0], x[1]))
+        if score <= best + 1e-12:
+            break
+        counts, best = trial, score
+    return counts
+
+
+def cross_fitted_predictions(task: TaskSpec, labels: np.ndarray, outputs: list[np.ndarray], method: str = "mean",
+                             folds: int = 2, seed: int = 0) -> tuple[np.ndarray, list[list[int]]]:
+    """Ensemble predictions where every row's member weights were selected on the other folds.
+
+    Selecting members on the split that is then scored overstates the ensemble; this is the
+    honest estimate of what :func:`greedy_weights` buys on unseen data of the same kind.
+    """
+    order = np.random.default_rng(seed).permutation(len(labels))
+    parts = np.array_split(order, folds)
+    predictions, chosen = None, []
+    for i, held_out in enumerate(parts):
+        rest = np.concatenate([q for j, q in enumerate(parts) if j != i])
+        counts = greedy_weights(task, labels, outputs, rest, method)
+        chosen.append(counts)
+        fold = ensemble_predictions(task, combine(task.kind, [o[held_out] for o in outputs], counts, method))
+        if predictions is None:
+            predictions = np.zeros((len(labels),) + fold.shape[1:], dtype=fold.dtype)
+        predictions[held_out] = fold
+    return predictions, chosen
+
+
 def member_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str],
                    batched: bool | None = None, batch_size: int = 128, progress: bool = False) -> list[np.ndarray]:
     """Raw outputs of every member on the same encoded inputs.

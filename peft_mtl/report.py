@@ -96,7 +96,16 @@ def ensemble_row(record_path: Path, root: Path) -> Row:
     return Row(name=os.path.relpath(record_path, root), mode="ensemble", backbone=rec.get("backbone", "?"),
                trainable=int(rec["trainable"]), total=int(rec["total"]), bytes_on_disk=int(rec["bytes_on_disk"]),
                metrics=metrics, overall=rec["metrics"].get("overall"), train_seconds=rec.get("train_seconds"),
-               detail=f"{len(rec['members'])} members, {rec.get('method', 'mean')}")
+               detail=_ensemble_detail(rec))
+
+
+def _ensemble_detail(rec: dict) -> str:
+    selection = rec.get("selection")
+    if not selection:
+        return f"{len(rec['members'])} members, {rec.get('method', 'mean')}"
+    honest = selection.get("cross_fitted_overall")
+    return (f"{len(rec['members'])} members, greedy per task (weights chosen on dev; cross-fitted overall "
+            f"{honest:.4f})" if honest is not None else f"{len(rec['members'])} members, greedy per task")
 
 
 def collect(roots: list[Path], base: Path) -> list[Row]:

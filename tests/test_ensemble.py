@@ -83,3 +83,46 @@ def test_ensemble_cli_prints_eval_json(sets, small_data, capsys):
     assert set(result) == {"sst", "overall"}  # the only task all three share
     assert result["overall"] == result["sst"]["accuracy"], "one task: overall is its primary metric"
     assert captured.err.count("member ") == 3
+
+
+def test_greedy_selection_adds_members_only_while_they_help_and_may_repeat_them():
+    from peft_mtl.ensemble import cross_fitted_predictions, greedy_weights
+    from peft_mtl.tasks import get_task
+
+    sst = get_task("sst")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 400)
+    onehot = np.eye(5)[labels]
+    good = np.log(0.7 * onehot + 0.3 * rng.dirichlet(np.ones(5), 400))  # right on most rows
+    noise = np.log(rng.dirichlet(np.ones(5), 400))  # uninformative
+    anti = np.log(0.9 * np.eye(5)[(labels + 1) % 5] + 0.1 / 5)  # always wrong
+    counts = greedy_weights(sst, labels, [noise, good, anti])
+    assert counts[1] >= 1 and counts[2] == 0, counts
+    # A member that is right exactly where the first is wrong gets picked; equal weights would not beat it alone.
+    half = (np.arange(400) < 200)[:, None]
+    sure = np.log(0.9 * onehot + 0.02)  # right, confidently
+    unsure_wrong = np.log(0.4 * np.eye(5)[(labels + 1) % 5] + 0.3 * onehot + 0.06)  # wrong, barely
+    left, right = np.where(half, sure, unsure_wrong), np.where(half, unsure_wrong, sure)
+    assert np.mean(left.argmax(1) == labels) == 0.5
+    assert greedy_weights(sst, labels, [left, right]) == [1, 1]  # together: right everywhere
+    predictions, folds = cross_fitted_predictions(sst, labels, [noise, good, anti])
+    assert len(folds) == 2 and all(f[2] == 0 for f in folds)
+    assert predictions.shape == (400,) and np.mean(predictions == labels) > 0.6
+
+
+def test_cli_greedy_ensemble_records_its_per_task_selection(sets, small_data, tmp_path, capsys):
+    record = tmp_path / "g.ensemble.json"
+    members = [str(sets / "a"), str(sets / "b"), str(sets / "c")]  # c has only sst
+    main(["ensemble", *members, "--data-dir", str(small_data), "--select", "greedy",
+          "--no-progress", "--precision", "fp32", "--record", str(record)])
+    result = json.loads(capsys.readouterr().out)
+    rec = json.loads(record.read_text())
+    assert set(result) == {"sst", "sts", "overall", "selection"}, "greedy: every task some member has"
+    assert set(rec["selection"]["tasks"]["sts"]["weights"]) == set(members[:2])
+    assert set(rec["selection"]["tasks"]["sst"]["weights"]) == set(members)
+    for task, chosen in rec["selection"]["tasks"].items():
+        assert sum(chosen["weights"].values()) >= 1 and set(chosen["cross_fitted"]) == set(result[task])
+    used = {f for t in rec["selection"]["tasks"].values() for f, w in t["weights"].items() if w}
+    assert set(rec["members"]) == used
+    assert main(["ensemble", *members, "--select", "greedy", "--weights", "1,2"]) == 2
+    assert "--weights conflicts with --select greedy" in capsys.readouterr().err
