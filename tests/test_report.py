@@ -51,3 +51,19 @@ def test_runs_scored_on_part_of_the_dev_split_are_marked_and_kept_off_the_front(
 
     text = markdown([row("full", 0.49, False), row("subset", 0.52, True)], None)
     assert "| `full` ★" in text and "| `subset` |" in text
+
+
+def test_a_greedy_ensemble_is_reported_with_its_cross_fitted_scores(tmp_path):
+    from peft_mtl.report import ensemble_row
+
+    in_sample = {"sst": {"accuracy": 0.52}, "qqp": {"accuracy": 0.86}, "sts": {"pearson": 0.88}, "overall": 0.7800}
+    honest = {"sst": {"accuracy": 0.48}, "qqp": {"accuracy": 0.85}, "sts": {"pearson": 0.86}}
+    record = tmp_path / "g.ensemble.json"
+    record.write_text(json.dumps({
+        "members": ["a", "b"], "split": "dev", "metrics": in_sample, "backbone": "b", "trainable": 10, "total": 100,
+        "bytes_on_disk": 1, "train_seconds": 1.0,
+        "selection": {"tasks": {t: {"weights": {"a": 1, "b": 1}, "cross_fitted": m} for t, m in honest.items()},
+                      "cross_fitted_overall": 0.7500}}))
+    row = ensemble_row(record, tmp_path)
+    assert row.overall == 0.75 and row.metrics == {"sst": 0.48, "qqp": 0.85, "sts": 0.86}
+    assert "0.7800" in row.detail, "the in-sample figure is shown beside it, never instead of it"
