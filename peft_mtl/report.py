@@ -184,6 +184,22 @@ def markdown(rows: list[Row], commands: str | None) -> str:
     return "\n".join(lines)
 
 
+def _label_without_overlaps(fig, ax, points: list) -> None:
+    """Name the given points, moving a label up or down until it overlaps no earlier one
+    (a label that fits nowhere is left out: the table names every run)."""
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for r, v in points:
+        name = Path(r.name).name.replace(".ensemble.json", "")
+        for dy in (3, -11, 13, -21, 23):
+            text = ax.annotate(name, (max(r.trainable, 1), v), fontsize=7, xytext=(4, dy), textcoords="offset points")
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            text.remove()
+
+
 def plot(rows: list[Row], path: Path) -> None:
     import matplotlib
 
@@ -201,13 +217,11 @@ def plot(rows: list[Row], path: Path) -> None:
             if sel:
                 ax.scatter([max(r.trainable, 1) for r, _ in sel], [v for _, v in sel], marker=marker, s=70,
                            label=mode, alpha=0.85)
-        for r, v in pts:
-            ax.annotate(Path(r.name).name.replace(".ensemble.json", ""), (max(r.trainable, 1), v), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
         if pts:
             front = sorted((pts[i] for i in pareto([(r.trainable, v) for r, v in pts])), key=lambda x: x[0].trainable)
             ax.step([max(r.trainable, 1) for r, _ in front], [v for _, v in front], where="post", color="black",
                     linewidth=1, linestyle="--", label="Pareto front")
+            _label_without_overlaps(fig, ax, front)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel(label)
@@ -215,7 +229,8 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         if pts:
             ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("peft_mtl: trainable parameters vs dev score")
+    fig.suptitle("peft_mtl: trainable parameters vs dev score (labels: the Pareto front; every run is in "
+                 "report.md's table)", fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, metadata={"Software": None})
