@@ -67,3 +67,24 @@ def test_a_greedy_ensemble_is_reported_with_its_cross_fitted_scores(tmp_path):
     row = ensemble_row(record, tmp_path)
     assert row.overall == 0.75 and row.metrics == {"sst": 0.48, "qqp": 0.85, "sts": 0.86}
     assert "0.7800" in row.detail, "the in-sample figure is shown beside it, never instead of it"
+
+
+def test_plot_labels_never_overlap_even_for_crowded_points():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peft_mtl.report import Row, _label_without_overlaps
+
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    crowd = [(Row(name=f"run_{i}", mode="lora", backbone="b", trainable=1000 + i, total=10, bytes_on_disk=1, metrics={},
+                  overall=0.5, train_seconds=1.0, detail=""), 0.5 + 1e-4 * i) for i in range(8)]
+    ax.scatter([r.trainable for r, _ in crowd], [v for _, v in crowd])
+    _label_without_overlaps(fig, ax, crowd)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert 1 <= len(boxes) < len(crowd), "the ones that fit nowhere are left to the table"
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
