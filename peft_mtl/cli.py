@@ -1,4 +1,4 @@
-"""The ``peft-mtl`` command line: train, eval, predict, ensemble, report.
+"""The ``peft-mtl`` command line: train, sweep, eval, predict, ensemble, report, serve, export, bench.
 
 Machine-readable results go to stdout (one JSON object or line); progress bars, per-epoch
 summaries and data reports go to stderr. Errors a user can fix print one line and exit 2.
@@ -302,6 +302,27 @@ def cmd_bench(args, argv) -> int:
     return 0
 
 
+def cmd_sweep(args, argv) -> int:
+    from .sweep import archive, load_sweep, plan, run_jobs, write_summary
+
+    spec = load_sweep(args.file)
+    out = Path(args.out)
+    jobs = plan(spec, out)
+    failed = [] if args.summary_only else run_jobs(jobs, out, workers=args.workers, threads=args.threads)
+    # The table is a function of the runs, however they were trained: record the command that trains them.
+    command = " ".join(a for a in ["peft-mtl", *argv] if a != "--summary-only")
+    command = command.split(" --archive ")[0]
+    summary = write_summary(spec, out, command)
+    done = sum(len(r["seeds"]) for r in summary["recipes"].values())
+    print(f"sweep: {done} of {len(jobs)} runs finished; table in {out / 'sweep.md'}", file=sys.stderr)
+    if args.archive:
+        copied = archive(spec, out, Path(args.archive))
+        print(f"sweep: {copied} manifests and the table copied to {args.archive} (weights left out)", file=sys.stderr)
+    print(json.dumps({"summary": str(out / "sweep.json"), "finished": done, "planned": len(jobs),
+                      "failed": [f"{j.recipe}/seed{j.seed}" for j in failed]}))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-mtl", description="Parameter-efficient multi-task fine-tuning of BERT encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -406,6 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="*", help="folders to scan for runs and *.ensemble.json records (default: adapters reports)")
     p.add_argument("--out", default="reports", help="where report.md and params_vs_score.png go (default reports/)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sweep", help="recipe search: train each recipe of a sweep file over several seeds, "
+                                     "table of mean ± sd (resumable)")
+    p.add_argument("file", help="sweep file (YAML/JSON: base, seeds, baseline, recipes); see recipes/")
+    p.add_argument("--out", required=True, help="folder for the runs (OUT/RECIPE/seedS) and sweep.{json,md}")
+    p.add_argument("--workers", type=int, default=1, help="runs trained side by side (the cores are split)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: cores / workers)")
+    p.add_argument("--summary-only", action="store_true", help="train nothing; tabulate the finished runs")
+    p.add_argument("--archive", default=None, help="also copy the manifests (no weights) and the table here, "
+                                                   "for `peft-mtl report` (e.g. reports/sweeps/NAME)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("bench", help="speed/memory benchmark vs the plain Hugging Face pipeline -> reports/bench.{json,md}")
     p.add_argument("--out", default="reports")

@@ -1,15 +1,20 @@
 """The trainable-parameters-vs-score report: a Markdown table and a plot, from saved runs.
 
 Every folder holding a ``peft_mtl.json`` manifest is a run; every ``*.ensemble.json``
-record (written by ``peft-mtl ensemble --record``) is an ensemble. Output is a pure
-function of those files: rows sorted by name, no timestamps, fixed plot metadata.
+record (written by ``peft-mtl ensemble --record``) is an ensemble; runs in sibling folders
+``seed0``, ``seed1``, ... (what ``peft-mtl sweep`` writes) are one row, mean ± sd over the
+seeds; ``hf_baseline*.json`` (written by benchmarks/hf_baseline.py) are reference rows of
+the plain Hugging Face pipeline, kept out of the Pareto front. Output is a pure function of
+those files: rows sorted by name, no timestamps, fixed plot metadata.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import re
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import write_json_atomic
@@ -36,6 +41,9 @@ class Row:
     train_seconds: float | None
     detail: str
     partial_dev: bool = False  # scored on a subset of the dev split: kept out of the front and the plot
+    seeds: int = 1  # > 1: metrics, overall, time and size are means over this many seeds
+    sd: dict[str, float] = field(default_factory=dict)  # sample sd over seeds, by task and "overall"
+    reference: bool = False  # another pipeline's result (the plain HF baseline): shown, never on the front
 
     @property
     def percent(self) -> float:
@@ -115,6 +123,51 @@ def _ensemble_detail(rec: dict) -> str:
             f"{in_sample:.4f})" if in_sample is not None else f"{len(rec['members'])} members, greedy per task")
 
 
+def reference_row(path: Path, root: Path) -> Row:
+    """The plain HF Trainer + PEFT baseline (benchmarks/hf_baseline.py), one task per file."""
+    rec = json.loads(path.read_text())
+    task = rec["task"]
+    metric = TASK_METRICS.get(task)
+    value = rec.get("dev", {}).get(metric)
+    return Row(name=os.path.relpath(path, root), mode=f"HF {rec.get('mode', 'lora')}", backbone=rec.get("backbone", "all-MiniLM-L6-v2"),
+               trainable=int(rec.get("trainable_parameters", 0)), total=int(rec.get("total_parameters", 0)),
+               bytes_on_disk=int(rec.get("bytes_on_disk", 0)), metrics={task: value} if value is not None else {},
+               overall=None, train_seconds=rec.get("train_seconds"),
+               detail=f"reference: {rec.get('pipeline', 'HF Trainer')}, {task}, {rec.get('epochs')} ep", reference=True)
+
+
+def group_seeds(rows: list[Row]) -> list[Row]:
+    """Runs in sibling ``seedN`` folders of one recipe become one row: mean and sd over seeds."""
+    groups: dict[str, list[Row]] = {}
+    out = []
+    for r in rows:
+        parent, leaf = os.path.split(r.name)
+        if re.fullmatch(r"seed\d+", leaf) and parent:
+            groups.setdefault(parent, []).append(r)
+        else:
+            out.append(r)
+    for parent, members in groups.items():
+        if len({(m.trainable, m.mode, m.partial_dev) for m in members}) > 1:
+            out += members  # not one recipe after all: list them as they are
+            continue
+        first = members[0]
+        tasks = [t for t in TASK_METRICS if all(t in m.metrics for m in members)]
+        metrics = {t: statistics.fmean(m.metrics[t] for m in members) for t in tasks}
+        sd = {t: statistics.stdev(m.metrics[t] for m in members) for t in tasks} if len(members) > 1 else {}
+        overall = None
+        if all(m.overall is not None for m in members):
+            overall = statistics.fmean(m.overall for m in members)
+            if len(members) > 1:
+                sd["overall"] = statistics.stdev(m.overall for m in members)
+        times = [m.train_seconds for m in members if m.train_seconds is not None]
+        out.append(Row(name=parent, mode=first.mode, backbone=first.backbone, trainable=first.trainable,
+                       total=first.total, bytes_on_disk=first.bytes_on_disk, metrics=metrics, overall=overall,
+                       train_seconds=statistics.fmean(times) if times else None,
+                       detail=f"{first.detail}, {len(members)} seed{'s' if len(members) > 1 else ''}",
+                       partial_dev=first.partial_dev, seeds=len(members), sd=sd))
+    return out
+
+
 def collect(roots: list[Path], base: Path) -> list[Row]:
     rows = []
     seen = set()
@@ -130,7 +183,9 @@ def collect(roots: list[Path], base: Path) -> list[Row]:
                 rows.append(run_row(folder, base))
         for record in sorted(root.rglob("*.ensemble.json")):
             rows.append(ensemble_row(record, base))
-    return sorted(rows, key=lambda r: r.name)
+        for record in sorted(root.rglob("hf_baseline*.json")):
+            rows.append(reference_row(record, base))
+    return sorted(group_seeds(rows), key=lambda r: r.name)
 
 
 def pareto(points: list[tuple[int, float]]) -> set[int]:
@@ -142,8 +197,10 @@ def pareto(points: list[tuple[int, float]]) -> set[int]:
     return front
 
 
-def _fmt(v: float | None, digits: int = 4) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
+def _fmt(v: float | None, digits: int = 4, sd: float | None = None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
 
 
 def _human_bytes(n: int) -> str:
@@ -160,11 +217,13 @@ def markdown(rows: list[Row], commands: str | None) -> str:
              "(dev split, best epoch). Overall = mean(SST acc, QQP acc, (STS r + 1) / 2), only for runs with all "
              "three tasks. ★ marks the Pareto front of trainable parameters vs overall score (or vs the task "
              "metric for single-task runs); runs scored on only part of the dev split say so and are left out "
-             "of the front and the plot.", "",
+             "of the front and the plot. A run named after a recipe with *n seeds* in its details is the mean ± "
+             "sample sd over those seeds (written by `peft-mtl sweep`; time and size are means). Rows of mode "
+             "*HF …* are the plain Hugging Face Trainer + PEFT pipeline on the same data, for reference.", "",
              "| run | mode | details | backbone | trainable params | % of total | on disk | SST acc | QQP acc | STS r | "
              "overall | train time |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    comparable = [r for r in rows if not r.partial_dev]
+    comparable = [r for r in rows if not r.partial_dev and not r.reference]
     overall_pts = [(r.trainable, r.overall) for r in comparable if r.overall is not None]
     overall_front = pareto(overall_pts) if overall_pts else set()
     overall_rows = [r for r in comparable if r.overall is not None]
@@ -175,9 +234,11 @@ def markdown(rows: list[Row], commands: str | None) -> str:
     for r in rows:
         star = " ★" if r.name in front_names else ""
         time_s = "—" if r.train_seconds is None else f"{r.train_seconds / 60:.1f} min"
-        lines.append(f"| `{r.name}`{star} | {r.mode} | {r.detail} | {r.backbone} | {r.trainable:,} | {r.percent:.2f}% | "
-                     f"{_human_bytes(r.bytes_on_disk)} | {_fmt(r.metrics.get('sst'))} | {_fmt(r.metrics.get('qqp'))} | "
-                     f"{_fmt(r.metrics.get('sts'))} | {_fmt(r.overall)} | {time_s} |")
+        percent = f"{r.percent:.2f}%" if r.total else "—"
+        size = _human_bytes(r.bytes_on_disk) if r.bytes_on_disk else "—"
+        scores = " | ".join(_fmt(r.metrics.get(t), sd=r.sd.get(t)) for t in TASK_METRICS)
+        lines.append(f"| `{r.name}`{star} | {r.mode} | {r.detail} | {r.backbone} | {r.trainable:,} | {percent} | "
+                     f"{size} | {scores} | {_fmt(r.overall, sd=r.sd.get('overall'))} | {time_s} |")
     lines += ["", "![trainable parameters vs score](params_vs_score.png)", ""]
     if commands:
         lines += ["## Commands that produced these runs", "", commands.strip(), ""]
@@ -210,13 +271,20 @@ def plot(rows: list[Row], path: Path) -> None:
         (t, f"{t.upper()} {m}", (lambda t: lambda r: r.metrics.get(t))(t)) for t, m in TASK_METRICS.items()]
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     markers = {"lora": "o", "heads": "s", "full": "D", "ensemble": "*"}
+    # One colour per mode in every panel (the default colour cycle shifts when a panel lacks a mode).
+    colors = {"lora": "tab:blue", "heads": "tab:orange", "full": "tab:green", "ensemble": "tab:red"}
     for ax, (key, label, get) in zip(axes.flat, panels):
-        pts = [(r, get(r)) for r in rows if get(r) is not None and not r.partial_dev]
+        pts = [(r, get(r)) for r in rows if get(r) is not None and not r.partial_dev and not r.reference]
         for mode, marker in markers.items():
             sel = [(r, v) for r, v in pts if r.mode == mode]
             if sel:
                 ax.scatter([max(r.trainable, 1) for r, _ in sel], [v for _, v in sel], marker=marker, s=70,
-                           label=mode, alpha=0.85)
+                           label=mode, alpha=0.85, color=colors[mode])
+                spread = [(r, v) for r, v in sel if r.sd.get(key) is not None]
+                if spread:  # seed groups: ± 1 sd
+                    ax.errorbar([max(r.trainable, 1) for r, _ in spread], [v for _, v in spread],
+                                yerr=[r.sd[key] for r, _ in spread], fmt="none", ecolor=colors[mode], capsize=3,
+                                alpha=0.85)
         if pts:
             front = sorted((pts[i] for i in pareto([(r.trainable, v) for r, v in pts])), key=lambda x: x[0].trainable)
             ax.step([max(r.trainable, 1) for r, _ in front], [v for _, v in front], where="post", color="black",

@@ -91,6 +91,8 @@ def save_run(model: MultiTaskModel, folder: str | Path, manifest: dict, tokenize
             head_specs[key] = head_spec(head)
         manifest.update({
             "format_version": FORMAT_VERSION,
+            # What a user downloads to use the set; kept when the weights are not (manifest-only archives).
+            "bytes_on_disk": sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()),
             "adapters": adapters,
             "routing": {k: list(v) for k, v in model.routing.items()},
             "heads": heads,

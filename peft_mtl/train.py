@@ -273,6 +273,9 @@ def finish(run: Run) -> dict:
         "total_seconds": round(time.time() - run.started, 1),
         "precision": run.precision,
         "processes": dist.world,
+        # Train times only compare on the same hardware: say which, and how many threads.
+        "device": device.name(),
+        "threads": torch.get_num_threads(),
     }
     if dist.is_main:
         save_run(run.model, run.out, manifest, tokenizer=run.tokenizer, overwrite=True)

@@ -1,0 +1,92 @@
+"""Recipe search: each recipe trained over seeds, mean ± sd, verdicts against the baseline, resumable."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from peft_mtl.cli import main
+from peft_mtl.config import ConfigError
+from peft_mtl.runs import MANIFEST
+from peft_mtl.sweep import compare, load_sweep
+
+
+def _sweep_file(path, tiny_backbone, small_data, recipes: dict, baseline="r2", seeds="[0, 1]"):
+    base = (f"--tasks sst,qqp,sts --backbone {tiny_backbone} --data-dir {small_data} --epochs 1 --steps-per-epoch 3 "
+            f"--batch-size 8 --lr 5e-3 --precision fp32 --checkpoint-every 0")
+    lines = [f"base: {base}", f"seeds: {seeds}", f"baseline: {baseline}", "recipes:"]
+    lines += [f"  {name}: \"{flags}\"" for name, flags in recipes.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_sweep_trains_every_recipe_per_seed_and_reports_mean_and_sd(tiny_backbone, small_data, tmp_path, capsys):
+    spec = _sweep_file(tmp_path / "s.yaml", tiny_backbone, small_data,
+                       {"r2": "--lora-rank 2 --lora-alpha 4", "r8": "--lora-rank 8 --lora-alpha 16"})
+    out = tmp_path / "runs"
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "2", "--archive", str(tmp_path / "kept")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == {"summary": str(out / "sweep.json"), "finished": 4, "planned": 4, "failed": []}
+
+    manifests = {(r, s): json.loads((out / r / f"seed{s}" / MANIFEST).read_text()) for r in ("r2", "r8") for s in (0, 1)}
+    assert {m["config"]["seed"] for m in manifests.values()} == {0, 1}
+    assert all(m["threads"] == 1 for m in manifests.values()), "two workers on the machine's cores share them"
+    summary = json.loads((out / "sweep.json").read_text())
+    r2, r8 = summary["recipes"]["r2"], summary["recipes"]["r8"]
+    assert r8["trainable"] > r2["trainable"]
+    overall = [manifests[("r8", s)]["metrics"]["overall"] for s in (0, 1)]
+    assert overall[0] != overall[1], "the seed reaches the run"
+    assert r8["scores"]["overall"]["mean"] == pytest.approx(statistics.fmean(overall))
+    assert r8["scores"]["overall"]["sd"] == pytest.approx(statistics.stdev(overall))
+    assert set(r8["scores"]) == {"sst/accuracy", "qqp/accuracy", "sts/pearson", "overall"}
+    assert r8["vs_baseline"]["overall"]["difference"] == pytest.approx(
+        r8["scores"]["overall"]["mean"] - r2["scores"]["overall"]["mean"])
+    table = (out / "sweep.md").read_text()
+    assert "| `r2` |" in table and "baseline" in table and " ± " in table
+
+    # Resumable: finished runs are never trained again.
+    stamps = {k: (out / k[0] / f"seed{k[1]}" / MANIFEST).stat().st_mtime_ns for k in manifests}
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    assert {k: (out / k[0] / f"seed{k[1]}" / MANIFEST).stat().st_mtime_ns for k in manifests} == stamps
+    capsys.readouterr()
+
+    # The archive keeps manifests (with the weights' size) but no weights, and reports as one row per recipe.
+    kept = tmp_path / "kept"
+    assert sorted(p.name for p in (kept / "r8" / "seed0").iterdir()) == [MANIFEST]
+    assert json.loads((kept / "r8" / "seed0" / MANIFEST).read_text())["bytes_on_disk"] > 10_000
+    assert main(["report", str(kept), "--out", str(tmp_path / "rep")]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "rep" / "report.json").read_text())}
+    assert set(rows) == {"r2", "r8"} or {k.split("/")[-1] for k in rows} == {"r2", "r8"}
+    row = next(r for k, r in rows.items() if k.endswith("r8"))
+    assert row["seeds"] == 2 and row["overall"] == pytest.approx(statistics.fmean(overall))
+    assert row["sd"]["overall"] == pytest.approx(statistics.stdev(overall))
+    assert " ± " in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_a_misspelt_recipe_fails_before_anything_trains(tiny_backbone, small_data, tmp_path, capsys):
+    spec = _sweep_file(tmp_path / "s.yaml", tiny_backbone, small_data, {"r2": "--lora-rank 2", "bad": "--lora-rnak 4"})
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "recipe 'bad'" in err and str(spec) in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("recipes, baseline, message", [
+    ({"a": "--out x"}, "a", "set by the sweep itself"),
+    ({"a": ""}, "b", "baseline 'b' is not one of the recipes"),
+    ({"a": "--lora-rank -1"}, "a", "recipe 'a'"),
+])
+def test_sweep_files_are_checked(tiny_backbone, small_data, tmp_path, recipes, baseline, message):
+    spec = _sweep_file(tmp_path / "s.yaml", tiny_backbone, small_data, recipes, baseline=baseline)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(spec)
+
+
+def test_a_difference_counts_only_beyond_twice_the_seed_sd():
+    base = {"overall": {"mean": 0.750, "sd": 0.004}}
+    assert compare({"overall": {"mean": 0.760, "sd": 0.004}}, base)["overall"]["verdict"] == "better"
+    assert compare({"overall": {"mean": 0.755, "sd": 0.004}}, base)["overall"]["verdict"] == "within noise"
+    assert compare({"overall": {"mean": 0.740, "sd": 0.002}}, base)["overall"]["verdict"] == "worse"
+    assert compare({"overall": {"mean": 0.790, "sd": None}}, base)["overall"]["verdict"] == "one seed: no verdict"
