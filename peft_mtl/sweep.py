@@ -282,7 +282,7 @@ def markdown(summary: dict, command: str) -> str:
 
 
 def write_summary(spec: SweepSpec, out: Path, command: str) -> dict:
-    summary = summarize(spec, out)
+    summary = {"command": command, **summarize(spec, out)}
     write_json_atomic(out / SUMMARY_JSON, summary)
     tmp = out / f".{SUMMARY_MD}.tmp"
     tmp.write_text(markdown(summary, command), encoding="utf-8")

@@ -90,3 +90,13 @@ def test_a_difference_counts_only_beyond_twice_the_seed_sd():
     assert compare({"overall": {"mean": 0.755, "sd": 0.004}}, base)["overall"]["verdict"] == "within noise"
     assert compare({"overall": {"mean": 0.740, "sd": 0.002}}, base)["overall"]["verdict"] == "worse"
     assert compare({"overall": {"mean": 0.790, "sd": None}}, base)["overall"]["verdict"] == "one seed: no verdict"
+
+
+def test_the_shipped_sweep_files_are_valid():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert files, "recipes/ ships the sweeps behind reports/"
+    for f in files:
+        spec = load_sweep(f)
+        assert spec.baseline in spec.recipes and len(spec.seeds) >= 3
