@@ -136,13 +136,11 @@ def cmd_ensemble(args, argv) -> int:
     base = load_base(backbone, precision=args.precision, device=args.device, int8=args.int8)
     names = [base.load(f, name=f"m{i}") for i, f in enumerate(folders)]
     folder_of = dict(zip(names, folders))
-    if args.select == "greedy":  # members may differ per task: every task some member has
-        tasks = list(dict.fromkeys(t for n in names for t in base.sets[n].tasks))
-    else:
-        shared_tasks = set.intersection(*(set(base.sets[n].tasks) for n in names))
-        tasks = [t for t in base.sets[names[0]].tasks if t in shared_tasks]  # the first member's order
-    if not tasks:
-        raise ValueError("the folders share no task; an ensemble needs members that predict the same task")
+    # Every task some member has, each served by the members that have it: single-task sets
+    # (one per task) combine into one multi-task ensemble, and members may differ per task.
+    tasks = list(dict.fromkeys(t for n in names for t in base.sets[n].tasks))
+    if weights is not None and len(weights) != len(names):
+        raise ValueError(f"--weights: {len(weights)} weights for {len(names)} members; give one per folder")
     # Members tokenised differently (max length, cross vs bi encoding) each get their own encoding.
     layouts = {n: (base.sets[n].max_length, base.sets[n].pair_encoding) for n in names}
     encodings: dict = {}
@@ -165,7 +163,7 @@ def cmd_ensemble(args, argv) -> int:
         for n, o in zip(members, outs):
             members_result[n][t] = score(enc, predictions_from_outputs(enc.task, o))
         method = args.method if enc.task.kind == "classification" else args.regression_method
-        task_weights = weights
+        task_weights = [weights[names.index(m)] for m in members] if weights is not None else None
         if args.select == "greedy":
             task_weights = greedy_weights(enc.task, enc.labels, outs, method=method)
             honest, folds = cross_fitted_predictions(enc.task, enc.labels, outs, method)
@@ -211,7 +209,10 @@ def _write_ensemble_record(path: Path, folders: list[Path], base, names: list[st
     backbone_only = manifests[0]["parameters"]["total"] - manifests[0]["parameters"]["trainable"]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {
-        "members": [str(f) for f in folders], "method": args.method, "regression_method": args.regression_method,
+        "members": [str(f) for f in folders],
+        "tasks": {t: [str(f) for f, n in zip(folders, names) if t in base.sets[n].tasks]
+                  for t in result if t not in ("overall", "selection")},
+        "method": args.method, "regression_method": args.regression_method,
         "weights": args.weights, "split": args.split, "metrics": result, "selection": selection,
         "backbone": manifests[0]["backbone"]["name"], "trainable": trainable, "total": backbone_only + trainable,
         "bytes_on_disk": sum(folder_bytes(f) for f in folders),

@@ -117,6 +117,10 @@ def ensemble_row(record_path: Path, root: Path) -> Row:
 def _ensemble_detail(rec: dict) -> str:
     selection = rec.get("selection")
     if not selection:
+        per_task = rec.get("tasks") or {}
+        if any(len(m) != len(rec["members"]) for m in per_task.values()):  # members differ per task: say how
+            return (f"{len(rec['members'])} members, {rec.get('method', 'mean')}; per task: "
+                    + ", ".join(f"{t} {len(m)}" for t, m in per_task.items()))
         return f"{len(rec['members'])} members, {rec.get('method', 'mean')}"
     in_sample = rec["metrics"].get("overall")
     return (f"{len(rec['members'])} members, greedy per task; cross-fitted scores (selected and scored on all of dev: "

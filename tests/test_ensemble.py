@@ -80,9 +80,23 @@ def test_ensemble_cli_prints_eval_json(sets, small_data, capsys):
     assert code == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    assert set(result) == {"sst", "overall"}  # the only task all three share
-    assert result["overall"] == result["sst"]["accuracy"], "one task: overall is its primary metric"
+    assert set(result) == {"sst", "sts", "overall"}  # every task some member has
     assert captured.err.count("member ") == 3
+
+
+def test_each_task_is_served_by_the_members_that_have_it(sets, small_data, tmp_path, capsys):
+    """Single-task sets combine into one multi-task ensemble (e.g. one set per task trained alone)."""
+    flags = ["--data-dir", str(small_data), "--no-progress", "--precision", "fp32"]
+    assert main(["eval", str(sets / "a"), *flags]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    record = tmp_path / "c_a.ensemble.json"
+    assert main(["ensemble", str(sets / "c"), str(sets / "a"), *flags, "--weights", "3,1", "--record", str(record)]) == 0
+    together = json.loads(capsys.readouterr().out)
+    assert together["sts"] == pytest.approx(alone["sts"], abs=1e-5), "sts: a is its only member, whatever the weights"
+    rec = json.loads(record.read_text())
+    assert rec["tasks"] == {"sst": [str(sets / "c"), str(sets / "a")], "sts": [str(sets / "a")]}
+    assert main(["ensemble", str(sets / "c"), str(sets / "a"), *flags, "--weights", "1,2,3"]) == 2
+    assert "3 weights for 2 members" in capsys.readouterr().err
 
 
 def test_greedy_selection_adds_members_only_while_they_help_and_may_repeat_them():
