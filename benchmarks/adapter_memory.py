@@ -43,7 +43,7 @@ PROBE_COPIES = r'''
 import json, sys, time
 from peft_mtl.bench import rss_mb
 before = rss_mb()
-from peft_mtl.backbone import load_encoder, resolve_backbone
+from peft_mtl.model.backbone import load_encoder, resolve_backbone
 _, path = resolve_backbone(None)
 k = int(sys.argv[1])
 models, rss, loads = [], {"python_and_libraries": before}, []

@@ -41,10 +41,10 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from peft_mtl.data import load_split, pad_sequences, task_file
-    from peft_mtl.evaluate import predictions_from_outputs, score
-    from peft_mtl.export import export_set
-    from peft_mtl.inference import load_base
+    from peft_mtl.data.loading import load_split, pad_sequences, task_file
+    from peft_mtl.inference.evaluate import predictions_from_outputs, score
+    from peft_mtl.inference.export import export_set
+    from peft_mtl.inference.base_model import load_base
     from peft_mtl.runtime import configure_threads, cpu_supports_bf16
 
     threads = configure_threads()

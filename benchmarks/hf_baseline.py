@@ -38,10 +38,10 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
-    from peft_mtl.backbone import resolve_backbone
-    from peft_mtl.data import default_data_dir, load_split, task_file
-    from peft_mtl.metrics import accuracy, pearson
-    from peft_mtl.tasks import get_task
+    from peft_mtl.model.backbone import resolve_backbone
+    from peft_mtl.data.loading import default_data_dir, load_split, task_file
+    from peft_mtl.inference.metrics import accuracy, pearson
+    from peft_mtl.data.tasks import get_task
 
     task = get_task(args.task)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()

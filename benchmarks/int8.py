@@ -40,9 +40,9 @@ def main() -> None:
     import torch
 
     from export_int8 import cpu_model
-    from peft_mtl.data import encode_split, load_split, task_file
-    from peft_mtl.evaluate import predictions_from_outputs, score
-    from peft_mtl.inference import load_adapters
+    from peft_mtl.data.loading import encode_split, load_split, task_file
+    from peft_mtl.inference.evaluate import predictions_from_outputs, score
+    from peft_mtl.inference.base_model import load_adapters
     from peft_mtl.runtime import configure_threads, cpu_supports_bf16
 
     threads = configure_threads()
@@ -79,9 +79,9 @@ def _other_engines(fp32, int8, name, task, enc, batch, results) -> dict:
     """The same merged model on the other int8 engines; metrics and speed on the same dev split."""
     import torch
 
-    from peft_mtl.data import iterate_batches
-    from peft_mtl.evaluate import predictions_from_outputs, score
-    from peft_mtl.export import TaskGraph, merged_encoder
+    from peft_mtl.data.loading import iterate_batches
+    from peft_mtl.inference.evaluate import predictions_from_outputs, score
+    from peft_mtl.inference.export import TaskGraph, merged_encoder
 
     spec = fp32.spec(task, name)
     engines = {}

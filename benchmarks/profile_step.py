@@ -3,12 +3,12 @@
     python benchmarks/profile_step.py nodrop eager          # flags: fp32 nodrop nobbdrop bf16w eager profile
 """
 import time, torch, sys
-from peft_mtl.config import TrainConfig
-from peft_mtl.train import build_model, load_task_data
-from peft_mtl.data import BatchStream
-from peft_mtl.optimization import TrainingStep, build_optimizer, build_scheduler
-from peft_mtl.regularizers import Objective
-from peft_mtl.backbone import *
+from peft_mtl.training.config import TrainConfig
+from peft_mtl.training.train import build_model, load_task_data
+from peft_mtl.data.loading import BatchStream
+from peft_mtl.training.optimization import TrainingStep, build_optimizer, build_scheduler
+from peft_mtl.training.regularizers import Objective
+from peft_mtl.model.backbone import *
 from peft_mtl.runtime import configure_threads
 from pathlib import Path
 configure_threads()

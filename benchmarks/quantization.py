@@ -40,9 +40,9 @@ def main() -> None:
     if args.eval_only:
         return eval_only(args)
 
-    from peft_mtl.backbone import load_encoder, load_quantized_encoder, resolve_backbone
-    from peft_mtl.config import TrainConfig
-    from peft_mtl.train import train
+    from peft_mtl.model.backbone import load_encoder, load_quantized_encoder, resolve_backbone
+    from peft_mtl.training.config import TrainConfig
+    from peft_mtl.training.train import train
 
     _, path = resolve_backbone(None)
     rows = []
@@ -82,12 +82,12 @@ def main() -> None:
 
 def full_dev_accuracy(folder: Path, setting: str) -> float:
     """SST dev accuracy (all 1,101 rows) of a kept set, on the backbone setting it was trained with."""
-    from peft_mtl.backbone import (backbone_identity, load_encoder, load_quantized_encoder, load_tokenizer,
-                                   resolve_backbone)
-    from peft_mtl.data import default_data_dir, encode_split, load_split, task_file
-    from peft_mtl.evaluate import predictions_from_outputs, score
-    from peft_mtl.inference import BaseModel
-    from peft_mtl.tasks import get_task
+    from peft_mtl.model.backbone import (backbone_identity, load_encoder, load_quantized_encoder, load_tokenizer,
+                                         resolve_backbone)
+    from peft_mtl.data.loading import default_data_dir, encode_split, load_split, task_file
+    from peft_mtl.inference.evaluate import predictions_from_outputs, score
+    from peft_mtl.inference.base_model import BaseModel
+    from peft_mtl.data.tasks import get_task
 
     name, path = resolve_backbone(None)
     quantize = setting if setting in ("int8", "nf4") else None

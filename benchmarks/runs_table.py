@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from peft_mtl.config import TrainConfig
+from peft_mtl.training.config import TrainConfig
 
 FLAG = {"lora.dropout": "--lora-dropout", "lora.rank": "--lora-rank", "lora.alpha": "--lora-alpha", "lora.targets": "--lora-targets",
         "smart.weight": "--smart-weight", "smart.bregman_mu": "--bregman-mu", "shared_adapter": "--no-shared"}

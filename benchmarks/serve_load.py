@@ -100,8 +100,8 @@ class Server:
 
 
 def workload(sets: dict[str, list[str]], data_dir: Path, count: int, seed: int) -> list[dict]:
-    from peft_mtl.data import load_split, task_file
-    from peft_mtl.tasks import get_task
+    from peft_mtl.data.loading import load_split, task_file
+    from peft_mtl.data.tasks import get_task
 
     rng = random.Random(seed)
     pool = {}

@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from peft_mtl.data import default_data_dir, load_split, task_file
-from peft_mtl.tasks import get_task
+from peft_mtl.data.loading import default_data_dir, load_split, task_file
+from peft_mtl.data.tasks import get_task
 
 NAMES = {0: "negative", 1: "negative", 2: "neutral", 3: "positive", 4: "positive"}
 

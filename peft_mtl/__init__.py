@@ -8,10 +8,10 @@ import logging
 # --quantize runs in reports/quantization.md use it), so that one logger is quieted.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from .config import SmartSettings, TrainConfig  # noqa: E402
-from .adapters import LoraSettings  # noqa: E402
-from .inference import BaseModel, load_adapters, load_base  # noqa: E402
-from .tasks import TASKS, TaskSpec, get_task, register_task  # noqa: E402
+from .training.config import SmartSettings, TrainConfig  # noqa: E402
+from .model.adapters import LoraSettings  # noqa: E402
+from .inference.base_model import BaseModel, load_adapters, load_base  # noqa: E402
+from .data.tasks import TASKS, TaskSpec, get_task, register_task  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["BaseModel", "LoraSettings", "SmartSettings", "TASKS", "TaskSpec", "TrainConfig", "get_task",
@@ -20,6 +20,6 @@ __all__ = ["BaseModel", "LoraSettings", "SmartSettings", "TASKS", "TaskSpec", "T
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train as ``peft-mtl train`` does; returns the summary dict."""
-    from .train import train as _train
+    from .training.train import train as _train
 
     return _train(config, resume=resume, progress=progress)

@@ -107,18 +107,18 @@ def step_flops(step: Callable[[], None]) -> float:
 
 
 def _our_training_step(cfg, splits, batch_size: int, steps: int, seed: int = 0):
-    from .backbone import load_encoder, resolve_backbone
-    from .data import BatchStream
-    from .model import build_model
-    from .optimization import TrainingStep, build_optimizer, build_scheduler
-    from .regularizers import Objective
+    from .model.backbone import load_encoder, resolve_backbone
+    from .data.loading import BatchStream
+    from .model.multitask import build_model
+    from .training.optimization import TrainingStep, build_optimizer, build_scheduler
+    from .training.regularizers import Objective
     from .runtime import resolve_precision
 
     torch.manual_seed(seed)
     _, path = resolve_backbone(cfg.backbone)
     encoder = load_encoder(path)
     if cfg.backbone_dropout is not None:
-        from .backbone import set_dropout
+        from .model.backbone import set_dropout
 
         set_dropout(encoder, cfg.backbone_dropout)
     from .device import current
@@ -144,11 +144,11 @@ def _our_training_step(cfg, splits, batch_size: int, steps: int, seed: int = 0):
 
 
 def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int = 5, quick: bool = False) -> dict:
-    from .backbone import load_tokenizer, resolve_backbone
-    from .config import TrainConfig
-    from .data import default_data_dir, encode_split, load_split, task_file
+    from .model.backbone import load_tokenizer, resolve_backbone
+    from .training.config import TrainConfig
+    from .data.loading import default_data_dir, encode_split, load_split, task_file
     from .runtime import configure_threads, resolve_precision
-    from .tasks import get_task
+    from .data.tasks import get_task
 
     from .device import resolve_device, use_device
 
@@ -295,13 +295,13 @@ def _plain_hf(path: Path, tokenizer, train_split, dev_split, steps: int, repeats
 
 
 def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members: int, repeats: int, quick: bool):
-    from .backbone import load_encoder
-    from .config import TrainConfig
-    from .data import EncodedSplit
-    from .ensemble import member_outputs
-    from .inference import load_base
+    from .model.backbone import load_encoder
+    from .training.config import TrainConfig
+    from .data.loading import EncodedSplit
+    from .inference.ensemble import member_outputs
+    from .inference.base_model import load_base
     from .runs import save_run
-    from .model import build_model
+    from .model.multitask import build_model
 
     log("bench: inference, swap, load, memory")
     tmp = Path(tempfile.mkdtemp(prefix="peft_mtl_bench_"))
@@ -314,7 +314,7 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.01)
-        from .backbone import backbone_identity
+        from .model.backbone import backbone_identity
 
         manifest = {"mode": "lora", "tasks": ["sst"], "backbone": backbone_identity(name, model.encoder).to_dict(),
                     "backbone_source": None, "pair_encoding": "cross", "max_length": 128, "config": cfg.to_dict(),
@@ -417,10 +417,10 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
 def _merged_copy(path: Path, folder: Path):
     from peft import PeftModel
 
-    from .backbone import load_encoder
+    from .model.backbone import load_encoder
 
     encoder = PeftModel.from_pretrained(load_encoder(path), str(folder)).merge_and_unload()
-    from .model import MultiTaskModel
+    from .model.multitask import MultiTaskModel
     from .runs import build_head, load_head_weights, read_manifest
 
     manifest = read_manifest(folder)
@@ -432,7 +432,7 @@ def _merged_copy(path: Path, folder: Path):
 
 
 def _run_plain(model, enc) -> None:
-    from .evaluate import raw_outputs
+    from .inference.evaluate import raw_outputs
     from .runtime import resolve_precision
 
     raw_outputs(model, enc, 128, resolve_precision("auto"), False)
@@ -441,12 +441,12 @@ def _run_plain(model, enc) -> None:
 def _bert_base_sized(train_enc, repeats: int) -> dict:
     from transformers import BertConfig, BertModel
 
-    from .config import TrainConfig
-    from .heads import make_head
-    from .model import MultiTaskModel
-    from .adapters import add_adapters
-    from .tasks import get_task
-    from .data import collate
+    from .training.config import TrainConfig
+    from .model.heads import make_head
+    from .model.multitask import MultiTaskModel
+    from .model.adapters import add_adapters
+    from .data.tasks import get_task
+    from .data.loading import collate
     from .runtime import autocast, resolve_precision
 
     log("bench: bert-base-sized random model")

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
+from .training.config import ConfigError, TrainConfig
 from .options import add_config_arguments, apply_overrides, overrides_from_args
 
 EXIT_USER_ERROR = 2
@@ -46,7 +46,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args, argv) -> int:
-    from .train import summary_line, train
+    from .training.train import summary_line, train
 
     cfg = config_from_args(args)
     summary = train(cfg, resume=args.resume, progress=not args.no_progress)
@@ -57,7 +57,7 @@ def cmd_train(args, argv) -> int:
 
 def _load_eval_splits(tasks: list[str], data_dir: str | None, split: str, strict: bool, base, set_name: str):
     """Encoded labelled splits, tokenised the way ``set_name`` was trained (length, pair encoding)."""
-    from .data import default_data_dir, encode_split, load_split, task_file
+    from .data.loading import default_data_dir, encode_split, load_split, task_file
 
     folder = Path(data_dir) if data_dir else default_data_dir()
     aset = base.sets[set_name]
@@ -72,9 +72,9 @@ def _load_eval_splits(tasks: list[str], data_dir: str | None, split: str, strict
 
 
 def cmd_eval(args, argv) -> int:
-    from .evaluate import predictions_from_outputs, score
-    from .inference import load_adapters
-    from .metrics import overall_score
+    from .inference.evaluate import predictions_from_outputs, score
+    from .inference.base_model import load_adapters
+    from .inference.metrics import overall_score
 
     base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision, device=args.device,
                          int8=args.int8)
@@ -93,7 +93,7 @@ def cmd_eval(args, argv) -> int:
 
 
 def cmd_predict(args, argv) -> int:
-    from .inference import load_adapters
+    from .inference.base_model import load_adapters
 
     base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision, device=args.device,
                          int8=args.int8)
@@ -120,10 +120,10 @@ def cmd_predict(args, argv) -> int:
 
 
 def cmd_ensemble(args, argv) -> int:
-    from .ensemble import combine, cross_fitted_predictions, ensemble_predictions, greedy_weights, member_outputs
-    from .evaluate import predictions_from_outputs, score
-    from .inference import load_base
-    from .metrics import overall_score
+    from .inference.ensemble import combine, cross_fitted_predictions, ensemble_predictions, greedy_weights, member_outputs
+    from .inference.evaluate import predictions_from_outputs, score
+    from .inference.base_model import load_base
+    from .inference.metrics import overall_score
     from .runs import read_manifest
 
     folders = [Path(f) for f in args.folders]
@@ -222,8 +222,8 @@ def _write_ensemble_record(path: Path, folders: list[Path], base, names: list[st
 
 def cmd_tasks(args, argv) -> int:
     """List the built-in tasks, or validate task files (labels inferred, every split read)."""
-    from .data import load_split
-    from .tasks import TASKS, builtin_task_files, resolve_tasks
+    from .data.loading import load_split
+    from .data.tasks import TASKS, builtin_task_files, resolve_tasks
 
     if not args.files:
         for f in builtin_task_files():
@@ -271,7 +271,7 @@ def cmd_serve(args, argv) -> int:
 
 
 def cmd_export(args, argv) -> int:
-    from .export import ExportError, export_set
+    from .inference.export import ExportError, export_set
 
     try:
         record = export_set(args.folder, args.out, args.format, args.int8, args.backbone, args.overwrite)
@@ -304,7 +304,7 @@ def cmd_bench(args, argv) -> int:
 
 
 def cmd_sweep(args, argv) -> int:
-    from .sweep import archive, load_sweep, plan, run_jobs, write_summary
+    from .training.sweep import archive, load_sweep, plan, run_jobs, write_summary
 
     spec = load_sweep(args.file)
     out = Path(args.out)
@@ -461,10 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "predict" or any(e.startswith("--") for e in extras):
             parser.error(f"unrecognized arguments: {' '.join(extras)}")
         args.inputs = list(args.inputs) + extras
-    from .backbone import BackboneError
-    from .data import DataError
+    from .model.backbone import BackboneError
+    from .data.loading import DataError
     from .runs import AdapterError
-    from .train import TrainingError
+    from .training.train import TrainingError
 
     try:
         return args.func(args, argv)

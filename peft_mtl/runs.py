@@ -26,9 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .artifacts import atomic_folder, save_tensors_atomic, write_json_atomic
-from .heads import TaskHead
-from .model import MultiTaskModel
-from .tasks import get_task
+from .model.heads import TaskHead
+from .model.multitask import MultiTaskModel
+from .data.tasks import get_task
 
 FORMAT_VERSION = 1
 MANIFEST = "peft_mtl.json"

@@ -37,7 +37,7 @@ def tiny_backbone(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide random BERT with the real uncased WordPiece tokenizer, saved to disk."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from peft_mtl.backbone import resolve_backbone
+    from peft_mtl.model.backbone import resolve_backbone
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -76,8 +76,8 @@ def small_data(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_model_factory(tiny_backbone):
     """Build a MultiTaskModel on the tiny backbone for a config, without the training loop."""
-    from peft_mtl.backbone import load_encoder
-    from peft_mtl.train import build_model
+    from peft_mtl.model.backbone import load_encoder
+    from peft_mtl.training.train import build_model
 
     def make(cfg):
         torch.manual_seed(cfg.seed)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from peft_mtl.config import TrainConfig
-from peft_mtl.data import collate, encode_texts
-from peft_mtl.backbone import load_tokenizer
-from peft_mtl.tasks import get_task
+from peft_mtl.training.config import TrainConfig
+from peft_mtl.data.loading import collate, encode_texts
+from peft_mtl.model.backbone import load_tokenizer
+from peft_mtl.data.tasks import get_task
 
 
 def batch(tiny_backbone, task="sst", n=4):
@@ -19,8 +19,8 @@ def batch(tiny_backbone, task="sst", n=4):
 
 
 def test_fresh_adapter_leaves_encoder_output_unchanged(tiny_backbone):
-    from peft_mtl.adapters import LoraSettings, add_adapters
-    from peft_mtl.backbone import load_encoder
+    from peft_mtl.model.adapters import LoraSettings, add_adapters
+    from peft_mtl.model.backbone import load_encoder
 
     b = batch(tiny_backbone)
     plain = load_encoder(tiny_backbone)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from peft_mtl import load_base
-from peft_mtl.adapters import lora_targets
-from peft_mtl.backbone import load_encoder
-from peft_mtl.config import TrainConfig
-from peft_mtl.train import train
+from peft_mtl.model.adapters import lora_targets
+from peft_mtl.model.backbone import load_encoder
+from peft_mtl.training.config import TrainConfig
+from peft_mtl.training.train import train
 
 SMALL = dict(vocab_size=30522, max_position_embeddings=128)
 
@@ -83,11 +83,11 @@ def test_trains_saves_reloads_and_predicts(backbone, small_data, tmp_path):
 def test_every_dropout_replays_its_masks_so_smart_is_zero_at_epsilon_zero(backbone, steps):
     """The CPU kernels (fast dropout, paired masks) apply to the architecture or are bypassed
     cleanly: with dropout live, R_s at ε = 0 is exactly 0 either way."""
-    from peft_mtl.data import collate, encode_texts
-    from peft_mtl.model import build_model
-    from peft_mtl.regularizers import Objective
-    from peft_mtl.tasks import get_task
-    from peft_mtl.backbone import load_tokenizer
+    from peft_mtl.data.loading import collate, encode_texts
+    from peft_mtl.model.multitask import build_model
+    from peft_mtl.training.regularizers import Objective
+    from peft_mtl.data.tasks import get_task
+    from peft_mtl.model.backbone import load_tokenizer
 
     kind, path = backbone
     cfg = TrainConfig(tasks=["sts"])

@@ -9,7 +9,7 @@ import pytest
 from peft_mtl import artifacts
 from peft_mtl.artifacts import atomic_folder, write_json_atomic
 from peft_mtl.runs import MANIFEST, read_manifest
-from peft_mtl.train import train
+from peft_mtl.training.train import train
 
 from .test_train import tiny_config
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def config(tiny_backbone, small_data, out, **overrides):
-    from peft_mtl.config import TrainConfig
+    from peft_mtl.training.config import TrainConfig
 
     cfg = TrainConfig(tasks=["sst", "qqp", "sts"], out=str(out), backbone=str(tiny_backbone), data_dir=str(small_data),
                       epochs=2, steps_per_epoch=4, batch_size=4, lr=5e-3, checkpoint_every=0, sampling="sum",
@@ -29,7 +29,7 @@ def config(tiny_backbone, small_data, out, **overrides):
 
 
 def test_trains_resumes_and_saves_on_the_gpu(tiny_backbone, small_data, tmp_path, monkeypatch):
-    from peft_mtl.train import train
+    from peft_mtl.training.train import train
 
     from .test_resume import interrupt_after
 
@@ -48,7 +48,7 @@ def test_trains_resumes_and_saves_on_the_gpu(tiny_backbone, small_data, tmp_path
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_a_set_predicts_the_same_on_cpu_and_gpu(tiny_backbone, small_data, tmp_path, precision):
     from peft_mtl import load_base
-    from peft_mtl.train import train
+    from peft_mtl.training.train import train
 
     out = tmp_path / "set"
     train(config(tiny_backbone, small_data, out, precision=precision), progress=False)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peft_mtl.data import DataError, encode_split, length_grouped_batches, load_split, collate
-from peft_mtl.tasks import get_task
+from peft_mtl.data.loading import DataError, encode_split, length_grouped_batches, load_split, collate
+from peft_mtl.data.tasks import get_task
 
 from .conftest import real_data_dir
 
@@ -84,7 +84,7 @@ def test_non_utf8_rows_are_skipped_not_crashed(tmp_path):
 
 
 def test_long_inputs_are_truncated_and_counted(tmp_path, tiny_backbone):
-    from peft_mtl.backbone import load_tokenizer
+    from peft_mtl.model.backbone import load_tokenizer
 
     path = write(tmp_path, HEADER_SST + "0\ta\t" + "word " * 300 + "\t1\n1\tb\tshort\t2\n")
     encoded = encode_split(load_split(path, get_task("sst")), load_tokenizer(tiny_backbone), max_length=32)
@@ -93,7 +93,7 @@ def test_long_inputs_are_truncated_and_counted(tmp_path, tiny_backbone):
 
 
 def test_pairs_are_cross_encoded_with_segment_ids(tiny_backbone, tmp_path):
-    from peft_mtl.backbone import load_tokenizer
+    from peft_mtl.model.backbone import load_tokenizer
 
     tok = load_tokenizer(tiny_backbone)
     path = write(tmp_path, HEADER_QQP + "0\ta\thello there\tgood bye\t1.0\n")

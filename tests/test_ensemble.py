@@ -9,8 +9,8 @@ import pytest
 
 from peft_mtl import load_base
 from peft_mtl.cli import main
-from peft_mtl.ensemble import combine, ensemble_predict, member_outputs, predict_mixed
-from peft_mtl.train import train
+from peft_mtl.inference.ensemble import combine, ensemble_predict, member_outputs, predict_mixed
+from peft_mtl.training.train import train
 
 from .test_train import tiny_config
 
@@ -100,8 +100,8 @@ def test_each_task_is_served_by_the_members_that_have_it(sets, small_data, tmp_p
 
 
 def test_greedy_selection_adds_members_only_while_they_help_and_may_repeat_them():
-    from peft_mtl.ensemble import cross_fitted_predictions, greedy_weights
-    from peft_mtl.tasks import get_task
+    from peft_mtl.inference.ensemble import cross_fitted_predictions, greedy_weights
+    from peft_mtl.data.tasks import get_task
 
     sst = get_task("sst")
     rng = np.random.default_rng(0)

@@ -15,9 +15,9 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from peft_mtl import load_base  # noqa: E402
-from peft_mtl.config import TrainConfig  # noqa: E402
-from peft_mtl.export import ExportError, export_set, run_onnx  # noqa: E402
-from peft_mtl.train import train  # noqa: E402
+from peft_mtl.training.config import TrainConfig  # noqa: E402
+from peft_mtl.inference.export import ExportError, export_set, run_onnx  # noqa: E402
+from peft_mtl.training.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import torch
 
 from peft_mtl import load_base
 from peft_mtl.runs import MANIFEST, AdapterError
-from peft_mtl.train import train
+from peft_mtl.training.train import train
 
 from .test_train import tiny_config
 
@@ -25,12 +25,12 @@ def trained(tiny_backbone, small_data, tmp_path_factory):
 
 
 def test_save_then_load_gives_identical_predictions(trained, tiny_backbone, small_data):
-    from peft_mtl.backbone import load_encoder, load_tokenizer
-    from peft_mtl.config import TrainConfig
-    from peft_mtl.data import encode_texts
-    from peft_mtl.evaluate import raw_outputs
-    from peft_mtl.train import build_model
-    from peft_mtl.tasks import get_task
+    from peft_mtl.model.backbone import load_encoder, load_tokenizer
+    from peft_mtl.training.config import TrainConfig
+    from peft_mtl.data.loading import encode_texts
+    from peft_mtl.inference.evaluate import raw_outputs
+    from peft_mtl.training.train import build_model
+    from peft_mtl.data.tasks import get_task
 
     sentences = ["a gorgeous , witty film", "dull", "it 's fine i guess"]
     base = load_base(str(tiny_backbone), precision="fp32")
@@ -138,7 +138,7 @@ def test_heads_only_set_loads_alone_and_beside_adapter_sets(tiny_backbone, small
 
 
 def test_sets_loaded_into_existing_lora_layers_predict_as_when_loaded_alone(trained, tiny_backbone, monkeypatch):
-    import peft_mtl.inference as inference
+    import peft_mtl.inference.base_model as inference
 
     used = []
     real = inference.load_adapter_into_existing_layers

@@ -13,9 +13,9 @@ pytest.importorskip("onnxruntime")
 
 from peft_mtl import load_base  # noqa: E402
 from peft_mtl.cli import main  # noqa: E402
-from peft_mtl.config import TrainConfig  # noqa: E402
-from peft_mtl.ensemble import member_outputs  # noqa: E402
-from peft_mtl.train import train  # noqa: E402
+from peft_mtl.training.config import TrainConfig  # noqa: E402
+from peft_mtl.inference.ensemble import member_outputs  # noqa: E402
+from peft_mtl.training.train import train  # noqa: E402
 
 SENTENCES = ["a fine film", "a long and dull film with nothing in it", "ok", "the best movie of the year"]
 PAIRS = [("a man plays", "a man sings"), ("the cat", "stock prices fell sharply today")]
@@ -59,7 +59,7 @@ def test_int8_outputs_follow_each_set_and_stay_close_to_fp32(sets, tiny_backbone
 
 
 def test_int8_graphs_are_built_once_and_rebuilt_when_the_set_changes(sets, tiny_backbone, tmp_path, monkeypatch):
-    import peft_mtl.export as export
+    import peft_mtl.inference.export as export
 
     folder = tmp_path / "single"
     shutil.copytree(sets / "single", folder)
@@ -120,8 +120,8 @@ def test_int8_on_a_gpu_is_a_clear_error(tiny_backbone):
     import torch
 
     if not torch.cuda.is_available():
-        from peft_mtl.inference import BaseModel
-        from peft_mtl.backbone import backbone_identity, load_encoder, load_tokenizer
+        from peft_mtl.inference.base_model import BaseModel
+        from peft_mtl.model.backbone import backbone_identity, load_encoder, load_tokenizer
 
         encoder = load_encoder(tiny_backbone).to("meta")
         with pytest.raises(ValueError, match="int8 inference runs on the CPU"):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from peft_mtl.adapters import LoraSettings, add_adapters, activate
-from peft_mtl.kernels import FastDropout, fast_dropout, fused_lora_forward, keep_mask
+from peft_mtl.model.adapters import LoraSettings, add_adapters, activate
+from peft_mtl.model.kernels import FastDropout, fast_dropout, fused_lora_forward, keep_mask
 
 
 def test_keep_mask_rate_and_reproducibility():
@@ -45,7 +45,7 @@ def test_fast_dropout_module_respects_eval_mode():
 
 
 def test_loaded_encoder_uses_fast_dropout_and_registered_attention(tiny_backbone):
-    from peft_mtl.backbone import load_encoder
+    from peft_mtl.model.backbone import load_encoder
 
     encoder = load_encoder(tiny_backbone)
     assert encoder.config._attn_implementation == "peft_mtl"

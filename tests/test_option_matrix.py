@@ -16,8 +16,8 @@ import pytest
 
 from peft_mtl import load_base
 from peft_mtl.cli import main
-from peft_mtl.config import ConfigError, TrainConfig
-from peft_mtl.train import train
+from peft_mtl.training.config import ConfigError, TrainConfig
+from peft_mtl.training.train import train
 
 FACTORS: dict[str, list] = {
     "smart": [None, 0, 1],

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from peft_mtl.backbone import load_tokenizer
-from peft_mtl.config import TrainConfig
-from peft_mtl.losses import get_loss
-from peft_mtl.data import BatchStream
-from peft_mtl.optimization import build_optimizer
-from peft_mtl.regularizers import Objective
-from peft_mtl.simcse import run_simcse
-from peft_mtl.train import load_task_data
+from peft_mtl.model.backbone import load_tokenizer
+from peft_mtl.training.config import TrainConfig
+from peft_mtl.training.losses import get_loss
+from peft_mtl.data.loading import BatchStream
+from peft_mtl.training.optimization import build_optimizer
+from peft_mtl.training.regularizers import Objective
+from peft_mtl.training.simcse import run_simcse
+from peft_mtl.training.train import load_task_data
 
 from .test_adapters import batch
 
@@ -62,8 +62,8 @@ def test_bi_encoding_uses_two_passes_and_a_cosine_sts_head(tiny_model_factory, t
     model = tiny_model_factory(cfg)
     assert model.heads["sts"].cosine and model.heads["sts"].linear is None
     assert model.heads["qqp"].linear.in_features == 3 * 32
-    from peft_mtl.data import collate, encode_texts
-    from peft_mtl.tasks import get_task
+    from peft_mtl.data.loading import collate, encode_texts
+    from peft_mtl.data.tasks import get_task
 
     enc = encode_texts(get_task("sts"), [("a man plays", "a man plays"), ("a cat", "stock prices fell")],
                        load_tokenizer(tiny_backbone), pair_encoding="bi")
@@ -104,7 +104,7 @@ def test_lora_variants_reach_peft(tiny_model_factory):
 
 def test_row_limits_take_a_seeded_sample_not_a_sorted_prefix():
     """Task files are often ordered by label (SST's are): a prefix would be one-sided."""
-    from peft_mtl.train import sample_rows
+    from peft_mtl.training.train import sample_rows
 
     rows = [("pos", i) for i in range(800)] + [("neg", i) for i in range(800)]
     picked = sample_rows(rows, 200, 0, "sst", "train")

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from peft_mtl.backbone import load_encoder, load_tokenizer, set_dropout
-from peft_mtl.config import TrainConfig
-from peft_mtl.data import BatchStream
-from peft_mtl.model import build_model
-from peft_mtl.optimization import TrainingStep, build_optimizer, build_scheduler
-from peft_mtl.pcgrad import PCGrad, pcgrad_combine
-from peft_mtl.regularizers import Objective
-from peft_mtl.train import load_task_data
+from peft_mtl.model.backbone import load_encoder, load_tokenizer, set_dropout
+from peft_mtl.training.config import TrainConfig
+from peft_mtl.data.loading import BatchStream
+from peft_mtl.model.multitask import build_model
+from peft_mtl.training.optimization import TrainingStep, build_optimizer, build_scheduler
+from peft_mtl.training.pcgrad import PCGrad, pcgrad_combine
+from peft_mtl.training.regularizers import Objective
+from peft_mtl.training.train import load_task_data
 
 
 def test_combine_removes_conflicts_and_keeps_agreement():

@@ -35,9 +35,9 @@ def test_default_backbone_mean_pooled_embeddings_know_similarity():
     """The frozen default backbone alone already separates paraphrases from unrelated sentences."""
     import torch
 
-    from peft_mtl.data import collate, encode_texts
-    from peft_mtl.heads import pool
-    from peft_mtl.tasks import get_task
+    from peft_mtl.data.loading import collate, encode_texts
+    from peft_mtl.model.heads import pool
+    from peft_mtl.data.tasks import get_task
 
     base = load_base(precision="fp32")
     enc = encode_texts(get_task("sst"), ["A man is playing a guitar.", "Someone plays the guitar.",

@@ -6,7 +6,7 @@ import json
 
 from peft_mtl.cli import main
 from peft_mtl.report import pareto
-from peft_mtl.train import train
+from peft_mtl.training.train import train
 
 from .test_train import tiny_config
 

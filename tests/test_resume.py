@@ -8,11 +8,11 @@ import signal
 
 import pytest
 
-from peft_mtl.checkpoint import CHECKPOINT_DIR, CheckpointMismatch
-from peft_mtl.config import TrainConfig
-from peft_mtl.optimization import TrainingStep
+from peft_mtl.training.checkpoint import CHECKPOINT_DIR, CheckpointMismatch
+from peft_mtl.training.config import TrainConfig
+from peft_mtl.training.optimization import TrainingStep
 from peft_mtl.runs import MANIFEST
-from peft_mtl.train import train
+from peft_mtl.training.train import train
 
 
 def config(tiny_backbone, small_data, out, **overrides) -> TrainConfig:

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from peft_mtl.sampling import annealed_alpha, power_probabilities, task_schedule
+from peft_mtl.training.sampling import annealed_alpha, power_probabilities, task_schedule
 
 SIZES = {"sst": 8544, "qqp": 16213, "sts": 6040}
 

@@ -18,9 +18,9 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from peft_mtl import load_base  # noqa: E402
-from peft_mtl.config import TrainConfig  # noqa: E402
+from peft_mtl.training.config import TrainConfig  # noqa: E402
 from peft_mtl.serving.worker import PredictJob, UnknownName, Worker  # noqa: E402
-from peft_mtl.train import train  # noqa: E402
+from peft_mtl.training.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCES = ["a fine film", "dull and long", "ok", "a gorgeous, witty, seductive movie", "bad"]

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from peft_mtl.config import SmartSettings, TrainConfig
-from peft_mtl.optimization import TrainingStep, build_optimizer, build_scheduler
-from peft_mtl.regularizers import Objective
-from peft_mtl.simcse import simcse_loss
-from peft_mtl.smart import output_divergence, project, smart_regularizer, symmetric_kl
+from peft_mtl.training.config import SmartSettings, TrainConfig
+from peft_mtl.training.optimization import TrainingStep, build_optimizer, build_scheduler
+from peft_mtl.training.regularizers import Objective
+from peft_mtl.training.simcse import simcse_loss
+from peft_mtl.training.smart import output_divergence, project, smart_regularizer, symmetric_kl
 
 from .test_adapters import batch
 
@@ -139,7 +139,7 @@ def test_symmetric_kl_properties():
 
 
 def test_smart_steps_zero_runs_clean_and_perturbed_copies_in_one_pass(tiny_model_factory, tiny_backbone, monkeypatch):
-    import peft_mtl.regularizers as regularizers
+    import peft_mtl.training.regularizers as regularizers
 
     calls = []
     real = regularizers.smart_random_paired
@@ -214,7 +214,7 @@ def test_bregman_pulls_the_update_toward_the_average(tiny_model_factory, tiny_ba
 
 
 def test_bregman_average_follows_the_momentum_formula(tiny_model_factory):
-    from peft_mtl.smart import BregmanProximal
+    from peft_mtl.training.smart import BregmanProximal
 
     model = noisy_model(tiny_model_factory)
     breg = BregmanProximal(model, mu=1.0, beta=0.5)
@@ -235,7 +235,7 @@ def test_normalize_projection_rescales_ascent_steps_to_unit_norm_and_is_zero_wit
                                                                                           tiny_backbone):
     """The public-code variant: the perturbation after an ascent step has unit ℓ∞ norm per
     example (ε only guards the division), so R_s is far larger than inside a 1e-5 ball."""
-    from peft_mtl.smart import constrain
+    from peft_mtl.training.smart import constrain
 
     d = torch.randn(3, 5, 4)
     normalized = constrain(d, SmartSettings(projection="normalize", epsilon=1e-6))

@@ -8,9 +8,9 @@ import statistics
 import pytest
 
 from peft_mtl.cli import main
-from peft_mtl.config import ConfigError
+from peft_mtl.training.config import ConfigError
 from peft_mtl.runs import MANIFEST
-from peft_mtl.sweep import compare, load_sweep
+from peft_mtl.training.sweep import compare, load_sweep
 
 
 def _sweep_file(path, tiny_backbone, small_data, recipes: dict, baseline="r2", seeds="[0, 1]"):

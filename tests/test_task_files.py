@@ -10,11 +10,11 @@ import pytest
 
 from peft_mtl import load_base
 from peft_mtl.cli import main
-from peft_mtl.config import ConfigError, TrainConfig
-from peft_mtl.data import DataError, load_split
-from peft_mtl.metrics import METRICS, overall_score
-from peft_mtl.tasks import TASKS, TaskFileError, resolve_tasks, spec_from_file
-from peft_mtl.train import train
+from peft_mtl.training.config import ConfigError, TrainConfig
+from peft_mtl.data.loading import DataError, load_split
+from peft_mtl.inference.metrics import METRICS, overall_score
+from peft_mtl.data.tasks import TASKS, TaskFileError, resolve_tasks, spec_from_file
+from peft_mtl.training.train import train
 
 WORDS = {"book": "reserve a table for two tonight", "cancel": "cancel my order please",
          "refund": "i want my money back"}
@@ -115,7 +115,7 @@ def test_regression_task_with_output_range_clips_predictions(tmp_path, tiny_back
                                "output_range: [0, 1]\nmetrics: [spearman, pearson]\n", "sim.json.yaml")
     (spec,) = resolve_tasks([str(path)])
     assert spec.is_pair and spec.kind == "regression" and spec.primary_metric == "spearman"
-    from peft_mtl.evaluate import predictions_from_outputs
+    from peft_mtl.inference.evaluate import predictions_from_outputs
 
     assert predictions_from_outputs(spec, np.array([-3.0, 0.5, 7.0])).tolist() == [0.0, 0.5, 1.0]
 
@@ -174,7 +174,7 @@ def test_task_options_are_named_by_task_not_built_into_the_code(intent):
     assert cfg.validate().task_names == ["sst", "intent"]
     with pytest.raises(ConfigError, match="--task-loss: task 'qqp' is not being trained"):
         TrainConfig(tasks=["sst"], task_losses={"qqp": "dual"}).validate()
-    from peft_mtl.sampling import task_schedule
+    from peft_mtl.training.sampling import task_schedule
 
     sizes = {"sst": 100, "intent": 10}
     assert set(task_schedule("staggered", sizes, 5, 1, 3, 0)) == {("sst",)}, "default: the largest task first"

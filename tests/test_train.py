@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from peft_mtl.config import ConfigError, SmartSettings, TrainConfig
+from peft_mtl.training.config import ConfigError, SmartSettings, TrainConfig
 from peft_mtl.runs import MANIFEST
-from peft_mtl.train import TrainingError, train
+from peft_mtl.training.train import TrainingError, train
 
 from .conftest import real_data_dir, write_slice
 

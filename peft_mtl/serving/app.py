@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..inference import BaseModel
+from ..inference.base_model import BaseModel
 from ..runs import AdapterError
 from .schemas import EnsembleRequest, EnsembleResponse, LoadRequest, PredictRequest, PredictResponse
 from .worker import BatchStats, CallJob, PredictJob, UnknownName, Worker
@@ -181,7 +181,7 @@ def create_app(base: BaseModel, config: ServeConfig | None = None):
     @app.post("/v1/ensemble", response_model=EnsembleResponse, response_model_exclude_none=True,
               summary="Ensemble of several loaded sets for one task")
     async def ensemble(req: EnsembleRequest):
-        from ..ensemble import ensemble_predict
+        from ..inference.ensemble import ensemble_predict
 
         check_inputs(req.inputs)
         names = [known_set(s) for s in req.sets]

@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..data import pad_sequences
-from ..heads import pool
-from ..inference import SEP, BaseModel, format_predictions
+from ..data.loading import pad_sequences
+from ..model.heads import pool
+from ..inference.base_model import SEP, BaseModel, format_predictions
 from ..runtime import autocast
-from ..stacked import RowGroup, combination_factors, grouped_lora
+from ..model.stacked import RowGroup, combination_factors, grouped_lora
 
 
 class UnknownName(LookupError):

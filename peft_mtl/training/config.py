@@ -12,8 +12,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from .adapters import LoraSettings
-from .options import differences, flag_for, option
+from ..model.adapters import LoraSettings
+from ..options import differences, flag_for, option
 
 MODES = ("lora", "heads", "full")
 PAIR_ENCODINGS = ("cross", "bi")
@@ -140,7 +140,7 @@ class TrainConfig:
         """Check every field and every combination; raise ConfigError naming the flags."""
         from .losses import LOSSES
         from .sampling import SAMPLERS
-        from .tasks import TASKS, is_task_file, resolve_tasks
+        from ..data.tasks import TASKS, is_task_file, resolve_tasks
 
         def flag(path: str) -> str:
             return flag_for(TrainConfig, path)
@@ -259,13 +259,13 @@ class TrainConfig:
 
 
 def get_task_file_name(path: str) -> str:
-    from .tasks import read_task_file
+    from ..data.tasks import read_task_file
 
     return str(read_task_file(path).get("name"))
 
 
 def is_task_file(item: str) -> bool:
-    from .tasks import is_task_file as check
+    from ..data.tasks import is_task_file as check
 
     return check(item)
 

@@ -29,23 +29,23 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import device
-from .backbone import (backbone_identity, count_parameters, load_encoder, load_quantized_encoder, load_tokenizer,
-                       resolve_backbone, set_dropout)
+from .. import device
+from ..model.backbone import (backbone_identity, count_parameters, load_encoder, load_quantized_encoder, load_tokenizer,
+                              resolve_backbone, set_dropout)
 from .config import TrainConfig
-from .data import BatchStream, EncodedSplit, LoadedSplit, default_data_dir, encode_split, load_split, task_file
+from ..data.loading import BatchStream, EncodedSplit, LoadedSplit, default_data_dir, encode_split, load_split, task_file
 from .distributed import Dist, setup as setup_distributed
-from .evaluate import evaluate_sharded
-from .metrics import overall_score, primary_score
-from .model import MultiTaskModel, build_model
+from ..inference.evaluate import evaluate_sharded
+from ..inference.metrics import overall_score, primary_score
+from ..model.multitask import MultiTaskModel, build_model
 from .optimization import NonFiniteLoss, TrainingStep, build_optimizer, build_scheduler
 from .pcgrad import PCGrad
 from .regularizers import Objective
-from .runs import save_run
-from .runtime import configure_threads, resolve_precision, seed_everything
+from ..runs import save_run
+from ..runtime import configure_threads, resolve_precision, seed_everything
 from .sampling import task_schedule
 from .simcse import run_simcse
-from .tasks import get_task
+from ..data.tasks import get_task
 
 __all__ = ["TrainingError", "train", "prepare", "load_task_data", "check_output_folder", "build_model", "summary_line"]
 

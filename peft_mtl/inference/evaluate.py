@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import EncodedSplit, iterate_batches
+from ..data.loading import EncodedSplit, iterate_batches
 from .metrics import METRICS
-from .runtime import autocast
-from .tasks import TaskSpec
+from ..runtime import autocast
+from ..data.tasks import TaskSpec
 
 
 @torch.inference_mode()

@@ -21,18 +21,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import peft_compat
-from .adapters import load_adapter_into_existing_layers
-from .backbone import (BackboneIdentity, backbone_identity, freeze, load_encoder, load_tokenizer,
-                       resolve_backbone)
-from .data import EncodedSplit, encode_texts
+from ..model import peft_compat
+from ..model.adapters import load_adapter_into_existing_layers
+from ..model.backbone import (BackboneIdentity, backbone_identity, freeze, load_encoder, load_tokenizer,
+                              resolve_backbone)
+from ..data.loading import EncodedSplit, encode_texts
 from .evaluate import predictions_from_outputs, probabilities, raw_outputs
-from .kernels import use_fused_lora
-from .model import MultiTaskModel
-from .runs import (MANIFEST, AdapterError, build_head, check_adapter_files, check_backbone, load_head_weights,
-                   read_manifest)
-from .runtime import configure_threads, resolve_precision
-from .tasks import TaskSpec, get_task
+from ..model.kernels import use_fused_lora
+from ..model.multitask import MultiTaskModel
+from ..runs import (MANIFEST, AdapterError, build_head, check_adapter_files, check_backbone, load_head_weights,
+                    read_manifest)
+from ..runtime import configure_threads, resolve_precision
+from ..data.tasks import TaskSpec, get_task
 
 SEP = "__"
 
@@ -289,7 +289,7 @@ def load_base(backbone: str | None = None, precision: str = "auto", device: str 
     graphs with each set's adapters merged (CPU only; :mod:`peft_mtl.int8`)."""
     if int8 and device == "auto":
         device = "cpu"
-    from .device import resolve_device, use_device
+    from ..device import resolve_device, use_device
 
     configure_threads()
     where = use_device(resolve_device(device))

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .artifacts import atomic_folder, write_json_atomic
-from .heads import pool
+from ..artifacts import atomic_folder, write_json_atomic
+from ..model.heads import pool
 
 PROBES = ["a gorgeous, witty, seductive movie.", "the plot is dull and the acting is worse.", "it is a film.",
           "an ambitious, sprawling and ultimately rewarding story about growing up in a small town."]
@@ -57,9 +57,9 @@ class TaskGraph(nn.Module):
 
 def merged_encoder(base, set_name: str, task: str) -> nn.Module:
     """A plain (peft-free) copy of the backbone with ``task``'s active LoRA deltas added to its weights."""
-    from .backbone import load_encoder, resolve_backbone
-    from .inference import SEP
-    from .kernels import concat_factors
+    from ..model.backbone import load_encoder, resolve_backbone
+    from .base_model import SEP
+    from ..model.kernels import concat_factors
 
     aset = base.sets[set_name]
     if aset.model is not None:  # full fine-tuning: its own encoder already holds everything
@@ -69,7 +69,7 @@ def merged_encoder(base, set_name: str, task: str) -> nn.Module:
     names = base.model.routing.get(f"{set_name}{SEP}{task}", [])
     if not names:
         return encoder
-    from . import peft_compat
+    from ..model import peft_compat
 
     modules = dict(encoder.named_modules())
     with torch.no_grad():
@@ -87,7 +87,7 @@ def merged_encoder(base, set_name: str, task: str) -> nn.Module:
 
 
 def _inputs(base, spec, max_length: int, pair_encoding: str, token_types: bool):
-    from .data import encode_texts, pad_sequences
+    from ..data.loading import encode_texts, pad_sequences
 
     probes = PAIR_PROBES if spec.is_pair else PROBES
     enc = encode_texts(spec, probes, base.tokenizer, max_length, pair_encoding)
@@ -102,8 +102,8 @@ FORMATS = ("onnx", "openvino")
 def export_set(folder: str | Path, out: str | Path, fmt: str = "onnx", int8: bool = False,
                backbone: str | None = None, overwrite: bool = False, opset: int = 17) -> dict:
     """Export every task of the set in ``folder`` to ``out``; returns the export record."""
-    from .inference import load_base
-    from .runs import read_manifest
+    from .base_model import load_base
+    from ..runs import read_manifest
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")

@@ -107,7 +107,7 @@ def load_encoder(path: Path, attn_implementation: str | None = None) -> nn.Modul
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    from . import device
+    from .. import device
     from .kernels import register_attention, use_fast_dropout
 
     hf_logging.disable_progress_bar()
@@ -200,7 +200,7 @@ def load_quantized_encoder(path: Path, quantize: str, for_training: bool = True)
     if quantize == "int8":
         qconfig = BitsAndBytesConfig(load_in_8bit=True)
     else:
-        from .device import quantized_compute_dtype
+        from ..device import quantized_compute_dtype
 
         qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                      bnb_4bit_compute_dtype=quantized_compute_dtype())

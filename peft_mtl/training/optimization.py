@@ -19,7 +19,7 @@ import torch
 
 from .config import TrainConfig
 from .distributed import Dist
-from .model import MultiTaskModel
+from ..model.multitask import MultiTaskModel
 from .pcgrad import PCGrad
 from .regularizers import Objective
 

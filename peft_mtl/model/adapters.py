@@ -14,7 +14,7 @@ from torch import nn
 
 from . import peft_compat
 from .kernels import use_fused_lora
-from .options import option
+from ..options import option
 
 SHARED_ADAPTER = "shared"
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import FastDropout
-from .tasks import TaskSpec
+from ..data.tasks import TaskSpec
 
 POOLINGS = ("mean", "cls")
 

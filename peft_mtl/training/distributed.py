@@ -73,7 +73,7 @@ class Dist:
         """True on every rank if ``flag`` is true on any (one tiny all-reduce; local when alone)."""
         if not self.enabled:
             return flag
-        from .device import current
+        from ..device import current
 
         t = torch.tensor([1.0 if flag else 0.0], device=current())  # NCCL reduces device tensors only
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -91,7 +91,7 @@ def setup() -> Dist:
         return Dist()
     from accelerate import Accelerator
 
-    from .device import use_device
+    from ..device import use_device
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     use_device(accelerator.device)  # each rank its own GPU (NCCL), or the CPU (gloo)

@@ -181,8 +181,8 @@ def read_task_file(path: str | Path) -> dict:
 
 def spec_from_file(path: str | Path, builtin: bool = False) -> TaskSpec:
     """Validate a task file and build its spec (labels not yet inferred: see :func:`infer_labels`)."""
-    from .losses import LOSSES
-    from .metrics import METRICS
+    from ..training.losses import LOSSES
+    from ..inference.metrics import METRICS
 
     path = Path(path)
     data = read_task_file(path)
@@ -319,7 +319,7 @@ def infer_labels(spec: TaskSpec, strict: bool = False) -> TaskSpec:
     """Classification without ``labels``: the sorted distinct labels of the train split."""
     if spec.kind != "classification" or spec.labels is not None:
         return spec
-    from .data import read_label_values
+    from .loading import read_label_values
 
     values = read_label_values(spec, spec.file_for("train"), strict)
     distinct = sorted({_canonical(v) for v in values}, key=lambda v: (not _is_number(v), float(v) if _is_number(v) else 0, v))

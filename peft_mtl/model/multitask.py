@@ -16,7 +16,7 @@ from torch import nn
 from . import peft_compat
 from .adapters import SHARED_ADAPTER, activate
 from .heads import pool
-from .tasks import get_task
+from ..data.tasks import get_task
 
 
 class MultiTaskModel(nn.Module):

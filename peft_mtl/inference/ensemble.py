@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import peft_compat
-from .data import EncodedSplit, iterate_batches
+from ..model import peft_compat
+from ..data.loading import EncodedSplit, iterate_batches
 from .evaluate import predictions_from_outputs, probabilities
-from .heads import pool
-from .inference import SEP, BaseModel
-from .runtime import autocast
-from .stacked import stack_members, stacked_lora
-from .tasks import TaskSpec
+from ..model.heads import pool
+from .base_model import SEP, BaseModel
+from ..runtime import autocast
+from ..model.stacked import stack_members, stacked_lora
+from ..data.tasks import TaskSpec
 
 CLASSIFICATION_METHODS = ("mean", "vote")
 REGRESSION_METHODS = ("mean", "median")
@@ -228,8 +228,8 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
     ``requests`` is a list of (task, input). Single-sentence and cross-encoded pair
     requests share one padded batch; each row is routed to its task's adapter.
     """
-    from .data import encode_texts, pad_sequences
-    from .inference import format_predictions
+    from ..data.loading import encode_texts, pad_sequences
+    from .base_model import format_predictions
 
     name = adapters or base.active
     aset = base._get(name)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import device
-from .artifacts import atomic_folder, save_tensors_atomic, write_json_atomic
+from .. import device
+from ..artifacts import atomic_folder, save_tensors_atomic, write_json_atomic
 from .config import ConfigError, TrainConfig
 
 CHECKPOINT_DIR = ".checkpoint"

@@ -67,7 +67,7 @@ class Int8Runtime:
 
     def outputs(self, base, set_name: str, task: str, encoded, batch_size: int = 128) -> np.ndarray:
         """Raw head outputs of ``task`` for ``encoded`` inputs, in their order (like ``BaseModel.outputs``)."""
-        from .data import iterate_batches
+        from ..data.loading import iterate_batches
 
         session, names = self._session(base, set_name, task)
         chunks, order = [], []

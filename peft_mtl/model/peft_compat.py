@@ -40,7 +40,7 @@ def check_peft_version() -> None:
     if not low <= _version_tuple(peft.__version__) < high:
         warnings.warn(f"peft {peft.__version__} is outside the range peft_mtl was checked against "
                       f"({'.'.join(map(str, low))} to below {'.'.join(map(str, high))}); "
-                      f"if adapters misbehave, see peft_mtl/peft_compat.py", RuntimeWarning, stacklevel=2)
+                      f"if adapters misbehave, see peft_mtl/model/peft_compat.py", RuntimeWarning, stacklevel=2)
 
 
 def lora_linear_class() -> type:

@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import write_json_atomic
+from ..artifacts import write_json_atomic
 from .config import ConfigError
-from .runs import MANIFEST
+from ..runs import MANIFEST
 
 SUMMARY_JSON = "sweep.json"
 SUMMARY_MD = "sweep.md"
@@ -111,7 +111,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
 def _check_flags(flags: list[str], where: str) -> None:
     """Fail now, not after hours of the other recipes' training, on a misspelt flag or bad value."""
-    from .cli import build_parser, config_from_args
+    from ..cli import build_parser, config_from_args
 
     parser = build_parser()
     try:
@@ -297,7 +297,7 @@ def archive(spec: SweepSpec, out: Path, dest: Path) -> int:
     weights had (``bytes_on_disk``) — so a sweep can be listed in ``peft-mtl report`` from a
     repository that does not carry its weights.
     """
-    from .report import folder_bytes
+    from ..report import folder_bytes
 
     copied = 0
     for job in plan(spec, out):

@@ -22,13 +22,13 @@ import sys
 
 import torch
 
-from . import device
+from .. import device
 from .config import TrainConfig
-from .kernels import all_dropout_pairable
+from ..model.kernels import all_dropout_pairable
 from .losses import get_loss
-from .device import autocast
+from ..device import autocast
 from .smart import BregmanProximal, smart_random_paired, smart_regularizer
-from .tasks import TaskSpec, get_task
+from ..data.tasks import TaskSpec, get_task
 
 # Below this ε a bf16 pass cannot see the perturbation (bf16 spacing near 1 is ~0.008).
 _BF16_VISIBLE_EPSILON = 2.0 ** -8

@@ -1,0 +1,1 @@
+"""Reading task files and data: task specs, splits, tokenisation, batches."""

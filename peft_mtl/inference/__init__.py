@@ -1,0 +1,1 @@
+"""Inference: loaded backbones with adapter sets, evaluation, metrics, ensembles, export, int8."""

@@ -1,0 +1,1 @@
+"""The model: backbone, LoRA adapters, heads, the multi-task model, CPU kernels."""

@@ -1,0 +1,1 @@
+"""Training: config, losses, regularisers, samplers, the loop, checkpoints, sweeps."""
