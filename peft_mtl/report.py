@@ -44,6 +44,7 @@ class Row:
     seeds: int = 1  # > 1: metrics, overall, time and size are means over this many seeds
     sd: dict[str, float] = field(default_factory=dict)  # sample sd over seeds, by task and "overall"
     reference: bool = False  # another pipeline's result (the plain HF baseline): shown, never on the front
+    identity: str | None = None  # same value = the same training run (a copy of it elsewhere)
 
     @property
     def percent(self) -> float:
@@ -93,7 +94,30 @@ def run_row(folder: Path, root: Path) -> Row:
                backbone=manifest.get("backbone", {}).get("name", "?"), trainable=int(params.get("trainable", 0)),
                total=int(params.get("total", 0)), bytes_on_disk=size, metrics=metrics,
                overall=_benchmark_overall(manifest.get("metrics", {})), train_seconds=manifest.get("train_seconds"),
-               detail=_detail(manifest), partial_dev=bool(manifest.get("config", {}).get("max_eval_examples")))
+               detail=_detail(manifest), partial_dev=bool(manifest.get("config", {}).get("max_eval_examples")),
+               identity=_run_identity(manifest))
+
+
+def _run_identity(manifest: dict) -> str:
+    """What makes two manifests one run: its config (wherever it was written), results and timings."""
+    config = {k: v for k, v in manifest.get("config", {}).items() if k != "out"}
+    return json.dumps([config, manifest.get("metrics"), manifest.get("train_seconds")], sort_keys=True)
+
+
+def drop_copies(rows: list[Row]) -> list[Row]:
+    """One row per training run: a set copied out of a sweep (e.g. to ship it as an ensemble member)
+    is listed once, inside its seed group."""
+    in_group = {r.identity for r in rows if re.fullmatch(r"seed\d+", os.path.basename(r.name)) and r.identity}
+    seen: set[str] = set()
+    kept = []
+    for r in rows:
+        grouped = re.fullmatch(r"seed\d+", os.path.basename(r.name)) is not None
+        if r.identity and ((r.identity in in_group and not grouped) or r.identity in seen):
+            continue
+        if r.identity:
+            seen.add(r.identity)
+        kept.append(r)
+    return kept
 
 
 def ensemble_row(record_path: Path, root: Path) -> Row:
@@ -189,7 +213,7 @@ def collect(roots: list[Path], base: Path) -> list[Row]:
             rows.append(ensemble_row(record, base))
         for record in sorted(root.rglob("hf_baseline*.json")):
             rows.append(reference_row(record, base))
-    return sorted(group_seeds(rows), key=lambda r: r.name)
+    return sorted(group_seeds(drop_copies(rows)), key=lambda r: r.name)
 
 
 def pareto(points: list[tuple[int, float]]) -> set[int]:

@@ -88,3 +88,17 @@ def test_plot_labels_never_overlap_even_for_crowded_points():
     assert 1 <= len(boxes) < len(crowd), "the ones that fit nowhere are left to the table"
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+def test_a_sweep_run_copied_elsewhere_is_listed_once_inside_its_seed_group(tiny_backbone, small_data, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        train(tiny_config(tiny_backbone, small_data, runs / "sweep" / "r16" / f"seed{seed}", tasks=["sst", "qqp", "sts"],
+                          epochs=1, steps_per_epoch=2, seed=seed), progress=False)
+    shutil.copytree(runs / "sweep" / "r16" / "seed0", runs / "shipped" / "member_a")  # an ensemble member
+    assert main(["report", str(runs), "--out", str(tmp_path / "rep")]) == 0
+    capsys.readouterr()
+    rows = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [r["seeds"] for r in rows] == [2] and rows[0]["name"].endswith("sweep/r16")
