@@ -25,8 +25,10 @@ for sweep in sweeps:
     summary = json.loads((sweep / "sweep.json").read_text())
     for name, rec in summary["recipes"].items():
         if rec.get("seeds"):
-            lines.append(f"- `{sweep / name}` ({len(rec['seeds'])} seeds): recipe `{name}` of `{summary['command']}`, "
-                         f"i.e. `peft-mtl train {summary['base']} {rec['flags']} --seed S` (table: "
+            seeds = f"{len(rec['seeds'])} seed{'s' if len(rec['seeds']) > 1 else ''}"
+            train = " ".join(p for p in ("peft-mtl train", summary["base"], rec["flags"], "--seed S") if p)
+            lines.append(f"- `{sweep / name}` ({seeds}): recipe `{name}` of `{summary['command']}`, "
+                         f"i.e. `{train}` (table: "
                          f"[{sweep / 'sweep.md'}]({(sweep / 'sweep.md').relative_to('reports')}))")
 for record in sorted(Path("reports").rglob("*.ensemble.json")):
     lines.append(f"- `{record}`: `{json.loads(record.read_text())['command']}`")

@@ -45,6 +45,7 @@ def test_a_sweep_trains_every_recipe_per_seed_and_reports_mean_and_sd(tiny_backb
         r8["scores"]["overall"]["mean"] - r2["scores"]["overall"]["mean"])
     table = (out / "sweep.md").read_text()
     assert "| `r2` |" in table and "baseline" in table and " ± " in table
+    assert summary["machines"] and all(m.endswith("1 thread(s) per run") for m in summary["machines"])
 
     # Resumable: finished runs are never trained again.
     stamps = {k: (out / k[0] / f"seed{k[1]}" / MANIFEST).stat().st_mtime_ns for k in manifests}

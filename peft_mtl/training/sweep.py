@@ -213,8 +213,12 @@ def summarize(spec: SweepSpec, out: Path) -> dict:
             "train_minutes": statistics.fmean(m["train_seconds"] for m in manifests) / 60,
             "scores": scores,
         }
+    machines = sorted({f"{m['device']}, {m['threads']} thread(s) per run" for name in spec.recipes for s in spec.seeds
+                       if (out / name / f"seed{s}" / MANIFEST).is_file()
+                       for m in [json.loads((out / name / f"seed{s}" / MANIFEST).read_text())]
+                       if "device" in m and "threads" in m})
     summary = {"sweep": spec.source, "base": shlex.join(spec.base), "seeds": spec.seeds, "baseline": spec.baseline,
-               "recipes": recipes}
+               "machines": machines, "recipes": recipes}
     if spec.baseline and recipes[spec.baseline].get("scores"):
         for name, rec in recipes.items():
             if name != spec.baseline and rec.get("scores"):
@@ -257,6 +261,8 @@ def markdown(summary: dict, command: str) -> str:
     lines = [f"# Sweep `{summary['sweep']}`", "",
              f"Made by `{command}`; each recipe is `peft-mtl train {summary['base']} <recipe flags> --seed S` "
              f"for seeds {summary['seeds']}. Scores are dev, best epoch, mean ± sample sd over the seeds.",
+             "", "Trained on: " + ("; ".join(summary.get("machines") or []) or
+                                  "not recorded in the manifests (runs made before peft_mtl recorded it)") + ".",
              ""]
     if summary.get("baseline"):
         lines += [f"vs `{summary['baseline']}`: the difference of means, marked better/worse only when it is "
