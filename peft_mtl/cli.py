@@ -304,7 +304,7 @@ def cmd_bench(args, argv) -> int:
 
 
 def cmd_sweep(args, argv) -> int:
-    from .training.sweep import archive, load_sweep, plan, run_jobs, write_summary
+    from .training.sweep import archive, load_sweep, plan, run_jobs, summary_paths, write_summary
 
     spec = load_sweep(args.file)
     out = Path(args.out)
@@ -315,11 +315,12 @@ def cmd_sweep(args, argv) -> int:
     command = command.split(" --archive ")[0]
     summary = write_summary(spec, out, command)
     done = sum(len(r["seeds"]) for r in summary["recipes"].values())
-    print(f"sweep: {done} of {len(jobs)} runs finished; table in {out / 'sweep.md'}", file=sys.stderr)
+    json_path, md_path = summary_paths(spec, out)
+    print(f"sweep: {done} of {len(jobs)} runs finished; table in {md_path}", file=sys.stderr)
     if args.archive:
         copied = archive(spec, out, Path(args.archive))
         print(f"sweep: {copied} manifests and the table copied to {args.archive} (weights left out)", file=sys.stderr)
-    print(json.dumps({"summary": str(out / "sweep.json"), "finished": done, "planned": len(jobs),
+    print(json.dumps({"summary": str(json_path), "finished": done, "planned": len(jobs),
                       "failed": [f"{j.recipe}/seed{j.seed}" for j in failed]}))
     return 1 if failed else 0
 

@@ -28,12 +28,12 @@ def test_a_sweep_trains_every_recipe_per_seed_and_reports_mean_and_sd(tiny_backb
     out = tmp_path / "runs"
     assert main(["sweep", str(spec), "--out", str(out), "--workers", "2", "--archive", str(tmp_path / "kept")]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result == {"summary": str(out / "sweep.json"), "finished": 4, "planned": 4, "failed": []}
+    assert result == {"summary": str(out / "s.sweep.json"), "finished": 4, "planned": 4, "failed": []}
 
     manifests = {(r, s): json.loads((out / r / f"seed{s}" / MANIFEST).read_text()) for r in ("r2", "r8") for s in (0, 1)}
     assert {m["config"]["seed"] for m in manifests.values()} == {0, 1}
     assert all(m["threads"] == 1 for m in manifests.values()), "two workers on the machine's cores share them"
-    summary = json.loads((out / "sweep.json").read_text())
+    summary = json.loads((out / "s.sweep.json").read_text())
     r2, r8 = summary["recipes"]["r2"], summary["recipes"]["r8"]
     assert r8["trainable"] > r2["trainable"]
     overall = [manifests[("r8", s)]["metrics"]["overall"] for s in (0, 1)]
@@ -43,7 +43,7 @@ def test_a_sweep_trains_every_recipe_per_seed_and_reports_mean_and_sd(tiny_backb
     assert set(r8["scores"]) == {"sst/accuracy", "qqp/accuracy", "sts/pearson", "overall"}
     assert r8["vs_baseline"]["overall"]["difference"] == pytest.approx(
         r8["scores"]["overall"]["mean"] - r2["scores"]["overall"]["mean"])
-    table = (out / "sweep.md").read_text()
+    table = (out / "s.sweep.md").read_text()
     assert "| `r2` |" in table and "baseline" in table and " ± " in table
     assert summary["machines"] and all(m.endswith("1 thread(s) per run") for m in summary["machines"])
 
@@ -52,6 +52,15 @@ def test_a_sweep_trains_every_recipe_per_seed_and_reports_mean_and_sd(tiny_backb
     assert main(["sweep", str(spec), "--out", str(out)]) == 0
     assert {k: (out / k[0] / f"seed{k[1]}" / MANIFEST).stat().st_mtime_ns for k in manifests} == stamps
     capsys.readouterr()
+
+    # A second sweep file in the same folder reuses the runs of the recipe they share, keeps its own table.
+    table = (out / "s.sweep.md").read_text()
+    other = _sweep_file(tmp_path / "t.yaml", tiny_backbone, small_data, {"r2": "--lora-rank 2 --lora-alpha 4",
+                                                                         "lr": "--lora-rank 2 --lora-alpha 4 --lr 1e-2"})
+    assert main(["sweep", str(other), "--out", str(out), "--workers", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["finished"] == 4
+    assert {k: (out / k[0] / f"seed{k[1]}" / MANIFEST).stat().st_mtime_ns for k in manifests} == stamps
+    assert (out / "t.sweep.md").is_file() and (out / "s.sweep.md").read_text() == table
 
     # The archive keeps manifests (with the weights' size) but no weights, and reports as one row per recipe.
     kept = tmp_path / "kept"

@@ -12,7 +12,9 @@ A sweep file (YAML or JSON) names a base command, the seeds and the recipes::
 Each (recipe, seed) is ``peft-mtl train BASE RECIPE --seed S --out OUT/RECIPE/seedS`` in a
 process of its own; several run side by side with the cores split between them. A run whose
 manifest exists is not trained again, so an interrupted sweep resumes where it stopped and a
-recipe added to the file trains only what is new. ``OUT/sweep.json`` and ``OUT/sweep.md`` then
+recipe added to the file trains only what is new (two sweep files may share an OUT and so reuse
+each other's runs of a common recipe). ``OUT/NAME.sweep.json`` and ``OUT/NAME.sweep.md`` (NAME: the
+sweep file's stem) then
 hold, per recipe, the mean ± sample sd over seeds of every task's primary metric and of the
 overall score, the trainable parameters and the training time, and for each recipe its
 difference from the baseline with a verdict: a difference counts as real only when it is larger
@@ -35,8 +37,10 @@ from ..artifacts import write_json_atomic
 from .config import ConfigError
 from ..runs import MANIFEST
 
-SUMMARY_JSON = "sweep.json"
-SUMMARY_MD = "sweep.md"
+def summary_paths(spec: "SweepSpec", out: Path) -> tuple[Path, Path]:
+    """Where a sweep's table goes: named after its file, so sweeps sharing a folder keep their own."""
+    stem = Path(spec.source).stem
+    return out / f"{stem}.sweep.json", out / f"{stem}.sweep.md"
 
 
 @dataclass
@@ -289,10 +293,11 @@ def markdown(summary: dict, command: str) -> str:
 
 def write_summary(spec: SweepSpec, out: Path, command: str) -> dict:
     summary = {"command": command, **summarize(spec, out)}
-    write_json_atomic(out / SUMMARY_JSON, summary)
-    tmp = out / f".{SUMMARY_MD}.tmp"
+    json_path, md_path = summary_paths(spec, out)
+    write_json_atomic(json_path, summary)
+    tmp = out / f".{md_path.name}.tmp"
     tmp.write_text(markdown(summary, command), encoding="utf-8")
-    os.replace(tmp, out / SUMMARY_MD)
+    os.replace(tmp, md_path)
     return summary
 
 
@@ -315,7 +320,7 @@ def archive(spec: SweepSpec, out: Path, dest: Path) -> int:
         target.mkdir(parents=True, exist_ok=True)
         write_json_atomic(target / MANIFEST, manifest)
         copied += 1
-    for name in (SUMMARY_JSON, SUMMARY_MD):
+    for name in (p.name for p in summary_paths(spec, out)):
         if (out / name).is_file():
             tmp = dest / f".{name}.tmp"
             tmp.write_bytes((out / name).read_bytes())
