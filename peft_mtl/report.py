@@ -298,6 +298,7 @@ def plot(rows: list[Row], path: Path) -> None:
     panels = [("overall", "overall score", lambda r: r.overall)] + [
         (t, f"{t.upper()} {m}", (lambda t: lambda r: r.metrics.get(t))(t)) for t, m in TASK_METRICS.items()]
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    fronts = []
     markers = {"lora": "o", "heads": "s", "full": "D", "ensemble": "*"}
     # One colour per mode in every panel (the default colour cycle shifts when a panel lacks a mode).
     colors = {"lora": "tab:blue", "heads": "tab:orange", "full": "tab:green", "ensemble": "tab:red"}
@@ -317,7 +318,7 @@ def plot(rows: list[Row], path: Path) -> None:
             front = sorted((pts[i] for i in pareto([(r.trainable, v) for r, v in pts])), key=lambda x: x[0].trainable)
             ax.step([max(r.trainable, 1) for r, _ in front], [v for _, v in front], where="post", color="black",
                     linewidth=1, linestyle="--", label="Pareto front")
-            _label_without_overlaps(fig, ax, front)
+            fronts.append((ax, front))
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel(label)
@@ -328,6 +329,10 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.suptitle("peft_mtl: trainable parameters vs dev score (labels: the Pareto front; every run is in "
                  "report.md's table)", fontsize=10)
     fig.tight_layout()
+    # Labels go on after the layout: tight_layout moves the axes, and labels placed before it
+    # could end up overlapping.
+    for ax, front in fronts:
+        _label_without_overlaps(fig, ax, front)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, metadata={"Software": None})
     plt.close(fig)
