@@ -304,11 +304,16 @@ def cmd_bench(args, argv) -> int:
 
 
 def cmd_sweep(args, argv) -> int:
-    from .training.sweep import archive, load_sweep, plan, run_jobs, summary_paths, write_summary
+    from .training.sweep import archive, load_sweep, plan, run_jobs, stale_runs, summary_paths, write_summary
 
     spec = load_sweep(args.file)
     out = Path(args.out)
     jobs = plan(spec, out)
+    stale = stale_runs(jobs)
+    if stale:
+        raise ConfigError(f"{args.file}: these finished runs in {out} were trained with other settings than their "
+                          f"recipe now asks for: " + "; ".join(stale) + ". Move them away (they will be retrained) "
+                          "or give the changed recipe a new name.")
     failed = [] if args.summary_only else run_jobs(jobs, out, workers=args.workers, threads=args.threads)
     # The table is a function of the runs, however they were trained: record the command that trains them.
     command = " ".join(a for a in ["peft-mtl", *argv] if a != "--summary-only")

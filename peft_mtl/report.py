@@ -3,7 +3,8 @@
 Every folder holding a ``peft_mtl.json`` manifest is a run; every ``*.ensemble.json``
 record (written by ``peft-mtl ensemble --record``) is an ensemble; runs in sibling folders
 ``seed0``, ``seed1``, ... (what ``peft-mtl sweep`` writes) are one row, mean ± sd over the
-seeds; ``hf_baseline*.json`` (written by benchmarks/hf_baseline.py) are reference rows of
+seeds; the *combined* rows of a ``*.sweep.json`` (tasks each trained alone, scored together)
+are one row each; ``hf_baseline*.json`` (written by benchmarks/hf_baseline.py) are reference rows of
 the plain Hugging Face pipeline, kept out of the Pareto front. Output is a pure function of
 those files: rows sorted by name, no timestamps, fixed plot metadata.
 """
@@ -164,6 +165,31 @@ def reference_row(path: Path, root: Path) -> Row:
                detail=f"reference: {rec.get('pipeline', 'HF Trainer')}, {task}, {rec.get('epochs')} ep", reference=True)
 
 
+def combined_rows(summary_path: Path, root: Path) -> list[Row]:
+    """The ``combine:`` rows of a sweep table: each task by the run that trained it alone."""
+    summary = json.loads(summary_path.read_text())
+    rows = []
+    for name, rec in (summary.get("combined") or {}).items():
+        if not rec.get("scores"):
+            continue
+        scores = rec["scores"]
+        metrics = {t: scores[f"{t}/{m}"]["mean"] for t, m in TASK_METRICS.items() if f"{t}/{m}" in scores}
+        sd = {t: scores[f"{t}/{m}"]["sd"] for t, m in TASK_METRICS.items()
+              if f"{t}/{m}" in scores and scores[f"{t}/{m}"]["sd"] is not None}
+        overall = scores.get("overall", {}).get("mean") if set(metrics) >= set(TASK_METRICS) else None
+        if overall is not None and scores["overall"]["sd"] is not None:
+            sd["overall"] = scores["overall"]["sd"]
+        n = len(rec["seeds"])
+        rows.append(Row(name=os.path.join(os.path.relpath(summary_path.parent, root), name),
+                        mode="/".join(rec["modes"]), backbone=rec.get("backbone") or "?",
+                        trainable=int(rec["trainable"]), total=int(rec["total"]),
+                        bytes_on_disk=int(rec["bytes_on_disk"]), metrics=metrics, overall=overall,
+                        train_seconds=rec["train_minutes"] * 60,
+                        detail=f"each task alone: {' + '.join(rec['parts'])}, {n} seed{'s' if n > 1 else ''}",
+                        seeds=n, sd=sd))
+    return rows
+
+
 def group_seeds(rows: list[Row]) -> list[Row]:
     """Runs in sibling ``seedN`` folders of one recipe become one row: mean and sd over seeds."""
     groups: dict[str, list[Row]] = {}
@@ -213,6 +239,8 @@ def collect(roots: list[Path], base: Path) -> list[Row]:
             rows.append(ensemble_row(record, base))
         for record in sorted(root.rglob("hf_baseline*.json")):
             rows.append(reference_row(record, base))
+        for record in sorted(root.rglob("*.sweep.json")):
+            rows += combined_rows(record, base)
     return sorted(group_seeds(drop_copies(rows)), key=lambda r: r.name)
 
 
@@ -246,7 +274,9 @@ def markdown(rows: list[Row], commands: str | None) -> str:
              "three tasks. ★ marks the Pareto front of trainable parameters vs overall score (or vs the task "
              "metric for single-task runs); runs scored on only part of the dev split say so and are left out "
              "of the front and the plot. A run named after a recipe with *n seeds* in its details is the mean ± "
-             "sample sd over those seeds (written by `peft-mtl sweep`; time and size are means). Rows of mode "
+             "sample sd over those seeds (written by `peft-mtl sweep`; time and size are means); a row whose details "
+             "say *each task alone* scores every task by the run that trained it alone (parameters, size and time "
+             "add up). Rows of mode "
              "*HF …* are the plain Hugging Face Trainer + PEFT pipeline on the same data, for reference.", "",
              "| run | mode | details | backbone | trainable params | % of total | on disk | SST acc | QQP acc | STS r | "
              "overall | train time |",

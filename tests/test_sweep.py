@@ -62,6 +62,14 @@ def test_a_sweep_trains_every_recipe_per_seed_and_reports_mean_and_sd(tiny_backb
     assert {k: (out / k[0] / f"seed{k[1]}" / MANIFEST).stat().st_mtime_ns for k in manifests} == stamps
     assert (out / "t.sweep.md").is_file() and (out / "s.sweep.md").read_text() == table
 
+    # A recipe edited after its runs finished is not silently credited with the old runs' scores.
+    edited = _sweep_file(tmp_path / "s.yaml", tiny_backbone, small_data, {"r2": "--lora-rank 4 --lora-alpha 4",
+                                                                          "r8": "--lora-rank 8 --lora-alpha 16"})
+    assert main(["sweep", str(edited), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out / "r2" / "seed0") in err and "lora" in err and "new name" in err
+    assert {k: (out / k[0] / f"seed{k[1]}" / MANIFEST).stat().st_mtime_ns for k in manifests} == stamps
+
     # The archive keeps manifests (with the weights' size) but no weights, and reports as one row per recipe.
     kept = tmp_path / "kept"
     assert sorted(p.name for p in (kept / "r8" / "seed0").iterdir()) == [MANIFEST]
@@ -110,3 +118,51 @@ def test_the_shipped_sweep_files_are_valid():
     for f in files:
         spec = load_sweep(f)
         assert spec.baseline in spec.recipes and len(spec.seeds) >= 3
+
+
+def test_a_combined_row_scores_each_task_by_the_run_that_trained_it_alone(tiny_backbone, small_data, tmp_path,
+                                                                          capsys):
+    spec = _sweep_file(tmp_path / "s.yaml", tiny_backbone, small_data,
+                       {"one_sst": "--tasks sst", "one_qqp": "--tasks qqp", "one_sts": "--tasks sts"},
+                       baseline="one_sst")
+    spec.write_text(spec.read_text() + "combine:\n  each_alone: [one_sst, one_qqp, one_sts]\n")
+    out = tmp_path / "runs"
+    assert main(["sweep", str(spec), "--out", str(out), "--workers", "2", "--archive", str(tmp_path / "kept")]) == 0
+    capsys.readouterr()
+
+    runs = {(r, s): json.loads((out / r / f"seed{s}" / MANIFEST).read_text())
+            for r in ("one_sst", "one_qqp", "one_sts") for s in (0, 1)}
+    assert all(len(m["tasks"]) == 1 for m in runs.values())
+    by_hand = [(runs[("one_sst", s)]["metrics"]["dev"]["sst"]["accuracy"]
+                + runs[("one_qqp", s)]["metrics"]["dev"]["qqp"]["accuracy"]
+                + (runs[("one_sts", s)]["metrics"]["dev"]["sts"]["pearson"] + 1) / 2) / 3 for s in (0, 1)]
+    row = json.loads((out / "s.sweep.json").read_text())["combined"]["each_alone"]
+    assert row["seeds"] == [0, 1]
+    assert row["scores"]["overall"]["values"] == pytest.approx(by_hand)
+    assert row["scores"]["overall"]["sd"] == pytest.approx(statistics.stdev(by_hand))
+    assert row["trainable"] == sum(runs[(r, 0)]["parameters"]["trainable"] for r in ("one_sst", "one_qqp", "one_sts"))
+    assert row["train_minutes"] == pytest.approx(
+        statistics.fmean(sum(runs[(r, s)]["train_seconds"] for r in ("one_sst", "one_qqp", "one_sts"))
+                         for s in (0, 1)) / 60)
+    assert "vs_baseline" in row and "`each_alone`" in (out / "s.sweep.md").read_text()
+
+    # The report lists the combination as one row, from the archived table alone.
+    assert main(["report", str(tmp_path / "kept"), "--out", str(tmp_path / "rep")]) == 0
+    rows = {r["name"].split("/")[-1]: r for r in json.loads((tmp_path / "rep" / "report.json").read_text())}
+    assert rows["each_alone"]["overall"] == pytest.approx(statistics.fmean(by_hand))
+    assert rows["each_alone"]["seeds"] == 2 and rows["each_alone"]["sd"]["overall"] == pytest.approx(
+        statistics.stdev(by_hand))
+    assert rows["one_sst"]["overall"] is None and rows["one_sst"]["seeds"] == 2
+
+
+@pytest.mark.parametrize("combine, message", [
+    ("  both: [mt, one_sst]\n", "overlapping tasks"),
+    ("  both: [one_sst, nope]\n", "'nope'\\] are not recipes"),
+    ("  mt: [one_sst]\n", "has the name of a recipe"),
+])
+def test_combined_rows_are_checked(tiny_backbone, small_data, tmp_path, combine, message):
+    spec = _sweep_file(tmp_path / "s.yaml", tiny_backbone, small_data, {"mt": "", "one_sst": "--tasks sst"},
+                       baseline="mt")
+    spec.write_text(spec.read_text() + "combine:\n" + combine)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(spec)

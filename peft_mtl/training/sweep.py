@@ -19,6 +19,16 @@ hold, per recipe, the mean ± sample sd over seeds of every task's primary metri
 overall score, the trainable parameters and the training time, and for each recipe its
 difference from the baseline with a verdict: a difference counts as real only when it is larger
 than twice the seed sd (the pooled sd of the two recipes) — one seed apart is noise here.
+
+``combine:`` names rows made of single-task recipes, each task served by the run that trained it
+alone (what ``peft-mtl ensemble`` of those sets would score: one member per task)::
+
+    combine:
+      lora_each_alone: [lora_sst, lora_qqp, lora_sts]
+
+Per seed, the combined row takes each task's dev metrics from its own run and computes the
+overall score from them; trainable parameters, bytes and training time add up. It is compared
+with the baseline like a recipe, and ``peft-mtl report`` lists it as one row.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ class SweepSpec:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     baseline: str | None = None
     source: str = "<memory>"
+    combine: dict[str, list[str]] = field(default_factory=dict)  # row name -> single-task recipes
 
 
 @dataclass
@@ -94,9 +105,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: not valid {'YAML' if path.suffix != '.json' else 'JSON'} ({err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("recipes"), dict) or not data["recipes"]:
         raise ConfigError(f"{path}: a sweep file needs 'recipes:' mapping names to train flags")
-    unknown = set(data) - {"base", "seeds", "baseline", "recipes"}
+    unknown = set(data) - {"base", "seeds", "baseline", "recipes", "combine"}
     if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; a sweep file has base, seeds, baseline, recipes")
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; a sweep file has base, seeds, baseline, "
+                          f"recipes, combine")
     seeds = data.get("seeds", [0, 1, 2])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ConfigError(f"{path}: seeds must be a list of integers, e.g. [0, 1, 2]")
@@ -105,16 +117,42 @@ def load_sweep(path: str | Path) -> SweepSpec:
                      source=str(path))
     if spec.baseline is not None and spec.baseline not in spec.recipes:
         raise ConfigError(f"{path}: baseline {spec.baseline!r} is not one of the recipes {sorted(spec.recipes)}")
+    tasks: dict[str, list[str]] = {}
     for name, flags in spec.recipes.items():
         reserved = {"--out", "--seed", "--resume", "--overwrite"} & set(spec.base + flags)
         if reserved:
             raise ConfigError(f"{path}: recipe {name!r}: {sorted(reserved)} are set by the sweep itself")
-        _check_flags(spec.base + flags, f"{path}: recipe {name!r}")
+        tasks[name] = _check_flags(spec.base + flags, f"{path}: recipe {name!r}")
+    spec.combine = _load_combine(data.get("combine"), spec, tasks, path)
     return spec
 
 
-def _check_flags(flags: list[str], where: str) -> None:
-    """Fail now, not after hours of the other recipes' training, on a misspelt flag or bad value."""
+def _load_combine(raw, spec: SweepSpec, tasks: dict[str, list[str]], path: Path) -> dict[str, list[str]]:
+    """Check ``combine:``: each row joins existing recipes that train different tasks."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, list) and v for v in raw.values()):
+        raise ConfigError(f"{path}: 'combine:' maps a row name to a list of recipes, e.g. "
+                          f"lora_each_alone: [lora_sst, lora_qqp, lora_sts]")
+    combine = {}
+    for name, parts in raw.items():
+        name, parts = str(name), [str(p) for p in parts]
+        if name in spec.recipes:
+            raise ConfigError(f"{path}: combined row {name!r} has the name of a recipe; give it its own")
+        missing = [p for p in parts if p not in spec.recipes]
+        if missing:
+            raise ConfigError(f"{path}: combined row {name!r}: {missing} are not recipes of this file")
+        trained = [t for p in parts for t in tasks[p]]
+        if len(trained) != len(set(trained)):
+            raise ConfigError(f"{path}: combined row {name!r}: its recipes train overlapping tasks "
+                              f"({', '.join(f'{p}: {tasks[p]}' for p in parts)}); each task must come from one run")
+        combine[name] = parts
+    return combine
+
+
+def _check_flags(flags: list[str], where: str) -> list[str]:
+    """Fail now, not after hours of the other recipes' training, on a misspelt flag or bad value.
+    Returns the tasks the recipe trains."""
     from ..cli import build_parser, config_from_args
 
     parser = build_parser()
@@ -125,9 +163,10 @@ def _check_flags(flags: list[str], where: str) -> None:
     if extras:
         raise ConfigError(f"{where}: unknown train flags {extras}")
     try:
-        config_from_args(args)
+        config = config_from_args(args)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+    return list(config.tasks)
 
 
 def plan(spec: SweepSpec, out: Path) -> list[Job]:
@@ -139,6 +178,33 @@ def plan(spec: SweepSpec, out: Path) -> list[Job]:
             jobs.append(Job(name, seed, folder, ["train", *spec.base, *flags, "--seed", str(seed),
                                                  "--out", str(folder), "--overwrite", "--no-progress"]))
     return jobs
+
+
+# Settings that do not change what a run learns: a finished run may differ in these and still count.
+_IGNORED_SETTINGS = {"out", "overwrite", "checkpoint_every", "trace_dir", "eval_batch_size"}
+
+
+def stale_runs(jobs: list[Job]) -> list[str]:
+    """Finished runs whose recorded settings differ from what their recipe asks for now.
+
+    Reusing finished runs is what makes a sweep resumable; reusing one trained under other flags
+    (a recipe edited in the file, or two files giving one name to different recipes) would put its
+    scores under the wrong recipe, so the sweep refuses instead.
+    """
+    from ..cli import build_parser, config_from_args
+
+    parser = build_parser()
+    problems = []
+    for job in jobs:
+        if not job.done:
+            continue
+        recorded = json.loads((job.folder / MANIFEST).read_text()).get("config") or {}
+        wanted = config_from_args(parser.parse_args(job.argv)).to_dict()
+        differ = sorted(k for k in set(recorded) & set(wanted) - _IGNORED_SETTINGS if recorded[k] != wanted[k])
+        if differ:
+            shown = ", ".join(f"{k}: trained {recorded[k]!r}, recipe asks {wanted[k]!r}" for k in differ[:3])
+            problems.append(f"{job.folder} ({shown})")
+    return problems
 
 
 def run_jobs(jobs: list[Job], out: Path, workers: int = 1, threads: int | None = None,
@@ -192,39 +258,93 @@ def _mean_sd(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
+def _manifests(spec: SweepSpec, out: Path) -> dict[str, dict[int, dict]]:
+    """recipe -> seed -> manifest, for the finished runs."""
+    found: dict[str, dict[int, dict]] = {}
+    for name in spec.recipes:
+        found[name] = {s: json.loads((out / name / f"seed{s}" / MANIFEST).read_text()) for s in spec.seeds
+                       if (out / name / f"seed{s}" / MANIFEST).is_file()}
+    return found
+
+
+def _bytes(manifest: dict, folder: Path) -> int:
+    from ..report import folder_bytes
+
+    return int(manifest["bytes_on_disk"]) if "bytes_on_disk" in manifest else folder_bytes(folder)
+
+
+def _recipe_summary(name: str, flags: list[str], runs: dict[int, dict]) -> dict:
+    if not runs:
+        return {"flags": shlex.join(flags), "seeds": []}
+    manifests = list(runs.values())
+    scores: dict[str, dict] = {}
+    for task, metric in _primary_metrics(manifests[0]).items():
+        vals = [m["metrics"]["dev"][task][metric] for m in manifests if task in m["metrics"].get("dev", {})]
+        scores[f"{task}/{metric}"] = _mean_sd(vals)
+    overall = [m["metrics"]["overall"] for m in manifests if m["metrics"].get("overall") is not None]
+    if overall:
+        scores["overall"] = _mean_sd(overall)
+    return {
+        "flags": shlex.join(flags),
+        "seeds": sorted(runs),
+        "trainable": manifests[0]["parameters"]["trainable"],
+        "percent_trainable": 100.0 * manifests[0]["parameters"]["trainable"] / manifests[0]["parameters"]["total"],
+        "train_minutes": statistics.fmean(m["train_seconds"] for m in manifests) / 60,
+        "scores": scores,
+    }
+
+
+def _combined_summary(parts: list[str], runs: dict[str, dict[int, dict]], seeds: list[int], out: Path) -> dict:
+    """Each task from the run that trained it, seed by seed (only seeds every part has finished)."""
+    from ..inference.metrics import overall_score
+
+    complete = [s for s in seeds if all(s in runs[p] for p in parts)]
+    if not complete:
+        return {"parts": parts, "seeds": []}
+    per_seed_dev, per_seed_primary = [], []
+    for s in complete:
+        dev, primary = {}, {}
+        for p in parts:
+            dev.update(runs[p][s]["metrics"]["dev"])
+            primary.update(_primary_metrics(runs[p][s]))
+        per_seed_dev.append(dev)
+        per_seed_primary.append(primary)
+    scores = {f"{t}/{m}": _mean_sd([dev[t][m] for dev in per_seed_dev]) for t, m in per_seed_primary[0].items()}
+    overall = [overall_score(dev, primary) for dev, primary in zip(per_seed_dev, per_seed_primary)]
+    if all(o is not None for o in overall):
+        scores["overall"] = _mean_sd(overall)
+    first = {p: runs[p][complete[0]] for p in parts}
+    trainable = sum(m["parameters"]["trainable"] for m in first.values())
+    # Parts that adapt one frozen backbone share it; full fine-tunes each carry their own encoder.
+    frozen = max(m["parameters"]["total"] - m["parameters"]["trainable"] for m in first.values())
+    return {
+        "parts": parts,
+        "seeds": complete,
+        "modes": sorted({m["mode"] for m in first.values()}),
+        "backbone": first[parts[0]].get("backbone", {}).get("name"),
+        "trainable": trainable,
+        "total": frozen + trainable,
+        "percent_trainable": 100.0 * trainable / (frozen + trainable),
+        "bytes_on_disk": statistics.fmean(sum(_bytes(runs[p][s], out / p / f"seed{s}") for p in parts)
+                                          for s in complete),
+        "train_minutes": statistics.fmean(sum(runs[p][s]["train_seconds"] for p in parts) for s in complete) / 60,
+        "scores": scores,
+    }
+
+
 def summarize(spec: SweepSpec, out: Path) -> dict:
-    """Mean ± sd over the finished seeds of each recipe, and each recipe against the baseline."""
-    recipes: dict[str, dict] = {}
-    for name, flags in spec.recipes.items():
-        manifests = [json.loads((out / name / f"seed{s}" / MANIFEST).read_text()) for s in spec.seeds
-                     if (out / name / f"seed{s}" / MANIFEST).is_file()]
-        if not manifests:
-            recipes[name] = {"flags": shlex.join(flags), "seeds": []}
-            continue
-        primary = _primary_metrics(manifests[0])
-        scores: dict[str, dict] = {}
-        for task, metric in primary.items():
-            vals = [m["metrics"]["dev"][task][metric] for m in manifests if task in m["metrics"].get("dev", {})]
-            scores[f"{task}/{metric}"] = _mean_sd(vals)
-        overall = [m["metrics"]["overall"] for m in manifests if m["metrics"].get("overall") is not None]
-        if overall:
-            scores["overall"] = _mean_sd(overall)
-        recipes[name] = {
-            "flags": shlex.join(flags),
-            "seeds": [s for s in spec.seeds if (out / name / f"seed{s}" / MANIFEST).is_file()],
-            "trainable": manifests[0]["parameters"]["trainable"],
-            "percent_trainable": 100.0 * manifests[0]["parameters"]["trainable"] / manifests[0]["parameters"]["total"],
-            "train_minutes": statistics.fmean(m["train_seconds"] for m in manifests) / 60,
-            "scores": scores,
-        }
-    machines = sorted({f"{m['device']}, {m['threads']} thread(s) per run" for name in spec.recipes for s in spec.seeds
-                       if (out / name / f"seed{s}" / MANIFEST).is_file()
-                       for m in [json.loads((out / name / f"seed{s}" / MANIFEST).read_text())]
-                       if "device" in m and "threads" in m})
+    """Mean ± sd over the finished seeds of each recipe (and combined row), each against the baseline."""
+    runs = _manifests(spec, out)
+    recipes = {name: _recipe_summary(name, flags, runs[name]) for name, flags in spec.recipes.items()}
+    combined = {name: _combined_summary(parts, runs, spec.seeds, out) for name, parts in spec.combine.items()}
+    machines = sorted({f"{m['device']}, {m['threads']} thread(s) per run" for by_seed in runs.values()
+                       for m in by_seed.values() if "device" in m and "threads" in m})
     summary = {"sweep": spec.source, "base": shlex.join(spec.base), "seeds": spec.seeds, "baseline": spec.baseline,
                "machines": machines, "recipes": recipes}
+    if combined:
+        summary["combined"] = combined
     if spec.baseline and recipes[spec.baseline].get("scores"):
-        for name, rec in recipes.items():
+        for name, rec in [*recipes.items(), *combined.items()]:
             if name != spec.baseline and rec.get("scores"):
                 rec["vs_baseline"] = compare(rec["scores"], recipes[spec.baseline]["scores"])
     return summary
@@ -260,7 +380,10 @@ def markdown(summary: dict, command: str) -> str:
     keys: list[str] = []
     for rec in summary["recipes"].values():
         keys += [k for k in rec.get("scores", {}) if k not in keys and k != "overall"]
-    if any("overall" in rec.get("scores", {}) for rec in summary["recipes"].values()):
+    rows = [*summary["recipes"].values(), *summary.get("combined", {}).values()]
+    for rec in rows:
+        keys += [k for k in rec.get("scores", {}) if k not in keys and k != "overall"]
+    if any("overall" in rec.get("scores", {}) for rec in rows):
         keys.append("overall")
     lines = [f"# Sweep `{summary['sweep']}`", "",
              f"Made by `{command}`; each recipe is `peft-mtl train {summary['base']} <recipe flags> --seed S` "
@@ -288,6 +411,24 @@ def markdown(summary: dict, command: str) -> str:
             cells.append("baseline" if name == summary["baseline"] else
                          (f"{vs['difference']:+.4f} ({vs['verdict']})" if vs else "—"))
         lines.append("| " + " | ".join(cells) + " |")
+    if summary.get("combined"):
+        lines += ["", "Combined rows: each task served by the run that trained it alone (seed by seed; what "
+                  "`peft-mtl ensemble` of those sets scores); parameters, size and time add up.", "",
+                  "| row | recipes | seeds | trainable | " + " | ".join(keys) + " | train time (sum)"
+                  + (f" | overall vs {summary['baseline']} |" if summary.get("baseline") else " |"),
+                  "|---|---|---|" + "---:|" * (len(keys) + 2 + bool(summary.get("baseline")))]
+        for name, rec in summary["combined"].items():
+            parts = " + ".join(f"`{p}`" for p in rec["parts"])
+            if not rec.get("scores"):
+                lines.append(f"| `{name}` | {parts} | 0 | — |" + " — |" * (len(keys) + 1 + bool(summary.get("baseline"))))
+                continue
+            cells = [f"`{name}`", parts, str(len(rec["seeds"])),
+                     f"{rec['trainable']:,} ({rec['percent_trainable']:.2f}%)",
+                     *[_pm(rec["scores"].get(k)) for k in keys], f"{rec['train_minutes']:.1f} min"]
+            if summary.get("baseline"):
+                vs = rec.get("vs_baseline", {}).get("overall")
+                cells.append(f"{vs['difference']:+.4f} ({vs['verdict']})" if vs else "—")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
