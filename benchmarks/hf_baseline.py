@@ -42,6 +42,8 @@ def main() -> None:
     from peft_mtl.data.loading import default_data_dir, load_split, task_file
     from peft_mtl.inference.metrics import accuracy, pearson
     from peft_mtl.data.tasks import get_task
+    from peft_mtl.artifacts import write_json_atomic
+    from peft_mtl.device import name as device_name
 
     task = get_task(args.task)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
@@ -85,16 +87,17 @@ def main() -> None:
     result = trainer.evaluate()
     eval_seconds = time.time() - t0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
     out = {"pipeline": f"HF Trainer + {'PEFT LoRA r=8 query,value' if args.mode == 'lora' else 'full fine-tune'}, "
                        f"[CLS] head, fp32", "task": task.name, "epochs": args.epochs, "lr": lr,
            "dev": {task.metric: result[f"eval_{task.metric}"]},
            "train_examples": len(train_ds), "train_seconds": round(train_seconds, 1),
            "train_examples_per_second": round(len(train_ds) * args.epochs / train_seconds, 1),
            "eval_seconds": round(eval_seconds, 1), "trainable_parameters": trainable,
-           "torch_threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv)}
+           "total_parameters": total, "device": device_name(), "torch_threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv)}
     print(json.dumps(out))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_json_atomic(Path(args.json), out)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,28 @@ def reference_row(path: Path, root: Path) -> Row:
                detail=f"reference: {rec.get('pipeline', 'HF Trainer')}, {task}, {rec.get('epochs')} ep", reference=True)
 
 
+def combined_reference_rows(rows: list[Row]) -> list[Row]:
+    """The reference pipeline's three single-task rows of one folder, as one row with its overall score."""
+    out = []
+    by_key: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        if r.reference and len(r.metrics) == 1:
+            by_key.setdefault((os.path.dirname(r.name), r.mode), []).append(r)
+    for (folder, mode), refs in sorted(by_key.items()):
+        per_task = {next(iter(r.metrics)): r for r in refs}
+        if set(per_task) != set(TASK_METRICS) or len(refs) != len(TASK_METRICS):
+            continue
+        metrics = {t: per_task[t].metrics[t] for t in TASK_METRICS}
+        overall = (metrics["sst"] + metrics["qqp"] + (metrics["sts"] + 1) / 2) / 3
+        times = [r.train_seconds for r in refs]
+        out.append(Row(name=os.path.join(folder, "hf_baseline (sst + qqp + sts)"), mode=mode,
+                       backbone=refs[0].backbone, trainable=sum(r.trainable for r in refs),
+                       total=sum(r.total for r in refs) if all(r.total for r in refs) else 0, bytes_on_disk=0, metrics=metrics, overall=overall,
+                       train_seconds=sum(times) if None not in times else None,
+                       detail="reference: its three hf_baseline_* rows (each task alone) scored together", reference=True))
+    return out
+
+
 def combined_rows(summary_path: Path, root: Path) -> list[Row]:
     """The ``combine:`` rows of a sweep table: each task by the run that trained it alone."""
     summary = json.loads(summary_path.read_text())
@@ -241,6 +263,7 @@ def collect(roots: list[Path], base: Path) -> list[Row]:
             rows.append(reference_row(record, base))
         for record in sorted(root.rglob("*.sweep.json")):
             rows += combined_rows(record, base)
+    rows += combined_reference_rows(rows)
     return sorted(group_seeds(drop_copies(rows)), key=lambda r: r.name)
 
 

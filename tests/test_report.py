@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from peft_mtl.cli import main
 from peft_mtl.report import pareto
 from peft_mtl.training.train import train
@@ -102,3 +104,22 @@ def test_a_sweep_run_copied_elsewhere_is_listed_once_inside_its_seed_group(tiny_
     capsys.readouterr()
     rows = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert [r["seeds"] for r in rows] == [2] and rows[0]["name"].endswith("sweep/r16")
+
+
+def test_the_reference_pipeline_is_listed_per_task_and_scored_together_but_never_on_the_front(tmp_path):
+    from peft_mtl.report import collect, markdown
+
+    dev = {"sst": ("accuracy", 0.60), "qqp": ("accuracy", 0.90), "sts": ("pearson", 0.80)}
+    for task, (metric, value) in dev.items():
+        (tmp_path / f"hf_baseline_{task}.json").write_text(json.dumps({
+            "pipeline": "HF Trainer + PEFT LoRA", "task": task, "epochs": 1, "dev": {metric: value},
+            "trainable_parameters": 1000, "total_parameters": 100_000, "train_seconds": 60.0}))
+    rows = {r.name: r for r in collect([tmp_path], tmp_path)}
+    together = rows["hf_baseline (sst + qqp + sts)"]
+    assert together.overall == pytest.approx((0.60 + 0.90 + (0.80 + 1) / 2) / 3)
+    assert together.trainable == 3000 and together.train_seconds == 180.0 and together.reference
+    assert all(r.reference for r in rows.values())
+    assert "` ★" not in markdown(list(rows.values()), None), "another pipeline's result is never on our front"
+
+    (tmp_path / "hf_baseline_sts.json").unlink()
+    assert "hf_baseline (sst + qqp + sts)" not in {r.name for r in collect([tmp_path], tmp_path)}
