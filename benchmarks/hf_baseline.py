@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-train-examples", type=int, default=None)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--backbone", default=None, help="a local encoder folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -46,8 +47,9 @@ def main() -> None:
     from peft_mtl.device import name as device_name
 
     task = get_task(args.task)
+    metric = task.metrics[0]
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    _, path = resolve_backbone(None)
+    backbone_name, path = resolve_backbone(args.backbone)
     tok = AutoTokenizer.from_pretrained(str(path))
 
     def dataset(split: str, limit=None) -> Dataset:
@@ -71,8 +73,8 @@ def main() -> None:
     def metrics(pred):
         logits, labels = pred
         if task.kind == "classification":
-            return {task.metric: accuracy(logits.argmax(-1), labels)}
-        return {task.metric: pearson(np.clip(logits.squeeze(-1), 0, 5), labels)}
+            return {metric: accuracy(logits.argmax(-1), labels)}
+        return {metric: pearson(np.clip(logits.squeeze(-1), 0, 5), labels)}
 
     targs = TrainingArguments(output_dir="/tmp/hf_baseline", num_train_epochs=args.epochs, learning_rate=lr,
                               per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128,
@@ -90,11 +92,11 @@ def main() -> None:
     total = sum(p.numel() for p in model.parameters())
     out = {"pipeline": f"HF Trainer + {'PEFT LoRA r=8 query,value' if args.mode == 'lora' else 'full fine-tune'}, "
                        f"[CLS] head, fp32", "task": task.name, "epochs": args.epochs, "lr": lr,
-           "dev": {task.metric: result[f"eval_{task.metric}"]},
+           "dev": {metric: result[f"eval_{metric}"]},
            "train_examples": len(train_ds), "train_seconds": round(train_seconds, 1),
            "train_examples_per_second": round(len(train_ds) * args.epochs / train_seconds, 1),
            "eval_seconds": round(eval_seconds, 1), "trainable_parameters": trainable,
-           "total_parameters": total, "device": device_name(), "torch_threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv)}
+           "total_parameters": total, "backbone": backbone_name, "device": device_name(), "torch_threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv)}
     print(json.dumps(out))
     if args.json:
         write_json_atomic(Path(args.json), out)

@@ -123,3 +123,25 @@ def test_the_reference_pipeline_is_listed_per_task_and_scored_together_but_never
 
     (tmp_path / "hf_baseline_sts.json").unlink()
     assert "hf_baseline (sst + qqp + sts)" not in {r.name for r in collect([tmp_path], tmp_path)}
+
+
+@pytest.mark.parametrize("task", ["sst", "sts"])
+def test_the_hf_reference_script_runs_and_its_record_is_a_report_row(tiny_backbone, small_data, tmp_path, task):
+    # Regression: the script used a task attribute the task refactor renamed and failed on start.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from peft_mtl.report import collect
+
+    root = Path(__file__).parent.parent
+    record = tmp_path / f"hf_baseline_{task}.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "hf_baseline.py"), "--task", task, "--epochs", "1",
+                    "--backbone", str(tiny_backbone), "--data-dir", str(small_data), "--json", str(record)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    rec = json.loads(record.read_text())
+    assert rec["train_examples"] == 48 and rec["device"] and rec["total_parameters"] > rec["trainable_parameters"]
+    metric = {"sst": "accuracy", "sts": "pearson"}[task]
+    assert -1.0 <= rec["dev"][metric] <= 1.0
+    (row,) = collect([tmp_path], tmp_path)
+    assert row.reference and row.metrics == {task: rec["dev"][metric]} and row.total == rec["total_parameters"]
