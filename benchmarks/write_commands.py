@@ -21,16 +21,24 @@ for manifest in sorted(Path("adapters").rglob("peft_mtl.json")) + sorted(Path("r
     made_by = (" — trained by `benchmarks/quantization.py` (reports/quantization.md); the equivalent command"
                if "quantized" in manifest.parent.parts else "")
     lines.append(f"- `{manifest.parent}`{made_by}: `peft-mtl train --out {manifest.parent} {flags(m['config'])}`")
+listed: set[Path] = set()  # a recipe several sweep files share (their baseline) is listed once
 for sweep in sweeps:
     summary = json.loads(sweep.read_text())
     table = sweep.with_name(sweep.name.replace(".json", ".md"))
+    link = f"[{table}]({table.relative_to('reports')})"
     for name, rec in summary["recipes"].items():
-        if rec.get("seeds"):
+        if rec.get("seeds") and sweep.parent / name not in listed:
+            listed.add(sweep.parent / name)
             seeds = f"{len(rec['seeds'])} seed{'s' if len(rec['seeds']) > 1 else ''}"
             train = " ".join(p for p in ("peft-mtl train", summary["base"], rec["flags"], "--seed S") if p)
             lines.append(f"- `{sweep.parent / name}` ({seeds}): recipe `{name}` of `{summary['command']}`, "
-                         f"i.e. `{train}` (table: "
-                         f"[{table}]({table.relative_to('reports')}))")
+                         f"i.e. `{train}` (table: {link})")
+    for name, rec in (summary.get("combined") or {}).items():
+        if rec.get("seeds"):
+            parts = " + ".join(f"`{p}`" for p in rec["parts"])
+            lines.append(f"- `{sweep.parent / name}` ({len(rec['seeds'])} seeds): combined row of "
+                         f"`{summary['command']}` — each task from its own recipe ({parts}), seed by seed "
+                         f"(table: {link})")
 for record in sorted(Path("reports").rglob("*.ensemble.json")):
     lines.append(f"- `{record}`: `{json.loads(record.read_text())['command']}`")
 for record in sorted(Path("reports").rglob("hf_baseline*.json")):

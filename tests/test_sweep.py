@@ -145,6 +145,8 @@ def test_a_combined_row_scores_each_task_by_the_run_that_trained_it_alone(tiny_b
         statistics.fmean(sum(runs[(r, s)]["train_seconds"] for r in ("one_sst", "one_qqp", "one_sts"))
                          for s in (0, 1)) / 60)
     assert "vs_baseline" in row and "`each_alone`" in (out / "s.sweep.md").read_text()
+    alone = json.loads((out / "s.sweep.json").read_text())["recipes"]["one_qqp"]
+    assert set(alone["scores"]) == {"qqp/accuracy"}, "one task's run has no overall to compare with a multi-task one"
 
     # The report lists the combination as one row, from the archived table alone.
     assert main(["report", str(tmp_path / "kept"), "--out", str(tmp_path / "rep")]) == 0

@@ -282,7 +282,7 @@ def _recipe_summary(name: str, flags: list[str], runs: dict[int, dict]) -> dict:
         vals = [m["metrics"]["dev"][task][metric] for m in manifests if task in m["metrics"].get("dev", {})]
         scores[f"{task}/{metric}"] = _mean_sd(vals)
     overall = [m["metrics"]["overall"] for m in manifests if m["metrics"].get("overall") is not None]
-    if overall:
+    if overall and len(scores) > 1:  # one task's "overall" is its own metric: not comparable with a multi-task one
         scores["overall"] = _mean_sd(overall)
     return {
         "flags": shlex.join(flags),
