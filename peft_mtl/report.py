@@ -22,6 +22,7 @@ from .artifacts import write_json_atomic
 from .runs import MANIFEST
 
 TASK_METRICS = {"sst": "accuracy", "qqp": "accuracy", "sts": "pearson"}
+ZOOM_POINTS = 3.0  # the zoomed overall panel shows runs within this many points (x 0.01) of the best
 
 
 def _benchmark_overall(metrics: dict) -> float | None:
@@ -348,14 +349,19 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("overall", "overall score", lambda r: r.overall)] + [
-        (t, f"{t.upper()} {m}", (lambda t: lambda r: r.metrics.get(t))(t)) for t, m in TASK_METRICS.items()]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    fronts = []
+    overall = lambda r: r.overall  # noqa: E731
+    # (score key, title, value of a row, zoomed): the zoomed overall panel spreads out the crowd of
+    # good runs that the full-range panel (heads-only and diverged runs included) squeezes together.
+    panels = [("overall", "overall score", overall, False),
+              ("overall", f"overall score, zoomed: within {ZOOM_POINTS} points of the best", overall, True)] + [
+        (t, f"{t.upper()} {m}", (lambda t: lambda r: r.metrics.get(t))(t), False) for t, m in TASK_METRICS.items()]
+    fig, axes = plt.subplots(2, 3, figsize=(18, 10))
+    axes.flat[-1].axis("off")
+    labelled = []
     markers = {"lora": "o", "heads": "s", "full": "D", "ensemble": "*"}
     # One colour per mode in every panel (the default colour cycle shifts when a panel lacks a mode).
     colors = {"lora": "tab:blue", "heads": "tab:orange", "full": "tab:green", "ensemble": "tab:red"}
-    for ax, (key, label, get) in zip(axes.flat, panels):
+    for ax, (key, label, get, zoomed) in zip(axes.flat, panels):
         pts = [(r, get(r)) for r in rows if get(r) is not None and not r.partial_dev and not r.reference]
         for mode, marker in markers.items():
             sel = [(r, v) for r, v in pts if r.mode == mode]
@@ -371,21 +377,31 @@ def plot(rows: list[Row], path: Path) -> None:
             front = sorted((pts[i] for i in pareto([(r.trainable, v) for r, v in pts])), key=lambda x: x[0].trainable)
             ax.step([max(r.trainable, 1) for r, _ in front], [v for _, v in front], where="post", color="black",
                     linewidth=1, linestyle="--", label="Pareto front")
-            fronts.append((ax, front))
+            names = front
+            if zoomed:
+                best = max(v for _, v in pts)
+                low = best - ZOOM_POINTS / 100
+                ax.set_ylim(low, best + 0.25 * ZOOM_POINTS / 100)
+                inside = [max(r.trainable, 1) for r, v in pts if v >= low]
+                ax.set_xlim(min(inside) / 2, max(inside) * 2)
+                # Here there is room to name the main rows too: seed groups and ensembles.
+                main = [(r, v) for r, v in pts if (r.seeds > 1 or r.mode == "ensemble") and (r, v) not in front]
+                names = [(r, v) for r, v in front + main if v >= low]
+            labelled.append((ax, names))
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel(label)
         ax.set_title(label)
         ax.grid(True, which="both", alpha=0.3)
         if pts:
-            ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("peft_mtl: trainable parameters vs dev score (labels: the Pareto front; every run is in "
-                 "report.md's table)", fontsize=10)
+            ax.legend(fontsize=8, loc="upper left" if zoomed else "lower right")
+    fig.suptitle("peft_mtl: trainable parameters vs dev score (labels: the Pareto front, and in the zoomed panel "
+                 "the seed groups and ensembles too; every run is in report.md's table)", fontsize=10)
     fig.tight_layout()
     # Labels go on after the layout: tight_layout moves the axes, and labels placed before it
     # could end up overlapping.
-    for ax, front in fronts:
-        _label_without_overlaps(fig, ax, front)
+    for ax, names in labelled:
+        _label_without_overlaps(fig, ax, names)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, metadata={"Software": None})
     plt.close(fig)
