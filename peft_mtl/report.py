@@ -344,6 +344,18 @@ def _label_without_overlaps(fig, ax, points: list) -> None:
 
 
 def plot(rows: list[Row], path: Path) -> None:
+    """Write the trainable-parameters-vs-score figure to ``path`` (PNG, atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def figure(rows: list[Row]):
+    """Five panels: overall (full range and zoomed on the best runs) and each task's metric."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,10 +414,7 @@ def plot(rows: list[Row], path: Path) -> None:
     # could end up overlapping.
     for ax, names in labelled:
         _label_without_overlaps(fig, ax, names)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
+    return fig
 
 
 def write_report(roots: list[Path], out: Path, base: Path | None = None) -> list[Row]:

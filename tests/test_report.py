@@ -145,3 +145,29 @@ def test_the_hf_reference_script_runs_and_its_record_is_a_report_row(tiny_backbo
     assert -1.0 <= rec["dev"][metric] <= 1.0
     (row,) = collect([tmp_path], tmp_path)
     assert row.reference and row.metrics == {task: rec["dev"][metric]} and row.total == rec["total_parameters"]
+
+
+def test_the_zoomed_panel_spreads_out_the_best_runs_and_names_the_main_rows():
+    import matplotlib.pyplot as plt
+
+    from peft_mtl.report import ZOOM_POINTS, Row, figure
+
+    def row(name, trainable, overall, seeds=1, mode="lora"):
+        return Row(name=name, mode=mode, backbone="b", trainable=trainable, total=10**8, bytes_on_disk=1,
+                   metrics={"sst": 0.5, "qqp": 0.8, "sts": 0.8}, overall=overall, train_seconds=1.0, detail="",
+                   seeds=seeds, sd={"overall": 0.002} if seeds > 1 else {})
+
+    rows = [row("heads", 3_000, 0.53, mode="heads"), row("diverged", 2_600_000, 0.52),
+            row("sweep/st_r16", 2_600_000, 0.744, seeds=3), row("sweep/r4", 660_000, 0.740, seeds=3),
+            row("ens.ensemble.json", 2_000_000, 0.750, mode="ensemble"), row("sweep/full", 22_000_000, 0.738, seeds=3)]
+    fig = figure(rows)
+    full_range, zoomed = fig.axes[0], fig.axes[1]
+    assert full_range.get_ylim()[0] < 0.53
+    low, high = zoomed.get_ylim()
+    assert low == pytest.approx(0.750 - ZOOM_POINTS / 100) and high > 0.750
+    named = {t.get_text() for t in zoomed.texts}
+    assert {"st_r16", "r4", "full", "ens"} <= named and "heads" not in named and "diverged" not in named
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in zoomed.texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
