@@ -78,7 +78,14 @@ def _detail(manifest: dict) -> str:
         parts.append(f"SMART λ={smart.get('weight')}")
     if smart.get("bregman_mu"):
         parts.append(f"Bregman μ={smart.get('bregman_mu')}")
-    parts.append(f"{cfg.get('epochs')} ep")
+    if cfg.get("lora_plus_ratio", 1.0) != 1.0:
+        parts.append(f"LoRA+ ×{cfg['lora_plus_ratio']:g}")
+    for task, loss in sorted((cfg.get("task_losses") or {}).items()):
+        parts.append(f"{task} {loss} loss")
+    if cfg.get("lr") is not None:
+        parts.append(f"lr {cfg['lr']:g}")
+    steps = cfg.get("steps_per_epoch")
+    parts.append(f"{cfg.get('epochs')} ep" + (f" × {steps} steps" if steps else ""))
     if cfg.get("max_eval_examples"):
         # Not comparable with full-dev rows: say so where the number is printed.
         parts.append(f"dev = first {cfg['max_eval_examples']} rows only")
