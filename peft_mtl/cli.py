@@ -122,6 +122,7 @@ def cmd_predict(args, argv) -> int:
 def cmd_ensemble(args, argv) -> int:
     from .inference.ensemble import combine, cross_fitted_predictions, ensemble_predictions, greedy_weights, member_outputs
     from .inference.evaluate import predictions_from_outputs, score
+    from .inference.output_cache import OutputCache
     from .inference.base_model import load_base
     from .inference.metrics import overall_score
     from .runs import read_manifest
@@ -151,15 +152,17 @@ def cmd_ensemble(args, argv) -> int:
             encodings[key] = _load_eval_splits([task], args.data_dir, args.split, args.strict, base, member)[task]
         return encodings[key]
 
+    cache = OutputCache(args.cache_dir) if args.cache_dir else None
     result, members_result = {}, {n: {} for n in names}
     selection: dict = {}  # task -> member weights chosen by greedy selection, and its cross-fitted score
     for t in tasks:
         members = [n for n in names if t in base.sets[n].tasks]
         enc = split_for(t, members[0])
         if len({layouts[m] for m in members}) == 1:
-            outs = member_outputs(base, t, enc, members, batched=args.batched, progress=not args.no_progress)
+            outs = member_outputs(base, t, enc, members, batched=args.batched, progress=not args.no_progress,
+                                  cache=cache)
         else:
-            outs = [member_outputs(base, t, split_for(t, m), [m])[0] for m in members]
+            outs = [member_outputs(base, t, split_for(t, m), [m], cache=cache)[0] for m in members]
         for n, o in zip(members, outs):
             members_result[n][t] = score(enc, predictions_from_outputs(enc.task, o))
         method = args.method if enc.task.kind == "classification" else args.regression_method
@@ -189,6 +192,8 @@ def cmd_ensemble(args, argv) -> int:
         o = overall_score(members_result[n], primary)
         shown = " ".join(f"{t} {k} {v:.4f}" for t, m in members_result[n].items() for k, v in m.items())
         print(f"member {f}: {shown}" + (f" overall {o:.4f}" if o is not None else ""), file=sys.stderr)
+    if cache is not None:
+        print(f"output cache {cache.root}: {cache.hits} member outputs reused, {cache.misses} computed", file=sys.stderr)
     if args.record:
         _write_ensemble_record(Path(args.record), folders, base, names, dict(result), args)
     print(json.dumps(result))
@@ -385,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one forward pass per member (default for whole splits: faster on CPU, "
                              "reports/bench.md)")
     p.add_argument("--record", default=None, help="also write the result as NAME.ensemble.json for `peft-mtl report`")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep each member's outputs on the split here and reuse them (keyed by the set's files, "
+                        "the inputs, precision, device and versions), so rescoring other combinations of the "
+                        "same members costs no forward pass")
     p.add_argument("--backbone", default=None)
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")

@@ -140,3 +140,46 @@ def test_cli_greedy_ensemble_records_its_per_task_selection(sets, small_data, tm
     assert set(rec["members"]) == used
     assert main(["ensemble", *members, "--select", "greedy", "--weights", "1,2"]) == 2
     assert "--weights conflicts with --select greedy" in capsys.readouterr().err
+
+
+def test_output_cache_reuses_member_outputs_exactly_and_misses_when_anything_changes(sets, tiny_backbone, small_data,
+                                                                                      tmp_path, capsys, monkeypatch):
+    """A second ensemble over the same members runs no forward pass and prints the same scores;
+    a changed set file or different inputs are a miss, never a stale answer."""
+    import shutil
+
+    from peft_mtl.inference.base_model import BaseModel
+    from peft_mtl.inference.output_cache import OutputCache
+
+    cache_dir = tmp_path / "cache"
+    flags = ["--data-dir", str(small_data), "--no-progress", "--precision", "fp32", "--cache-dir", str(cache_dir)]
+    assert main(["ensemble", str(sets / "a"), str(sets / "b"), str(sets / "c"), *flags]) == 0
+    first = capsys.readouterr()
+    assert "0 member outputs reused, 5 computed" in first.err  # a, b: sst + sts; c: sst
+    assert len(list(cache_dir.glob("*.npy"))) == 5
+
+    def no_forward_pass(*args, **kwargs):
+        raise AssertionError("a cached member was run again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(BaseModel, "outputs", no_forward_pass)
+        assert main(["ensemble", str(sets / "a"), str(sets / "b"), "--select", "greedy", *flags]) == 0
+        greedy = capsys.readouterr()
+        assert main(["ensemble", str(sets / "a"), str(sets / "b"), str(sets / "c"), *flags]) == 0
+        again = capsys.readouterr()
+    assert "4 member outputs reused, 0 computed" in greedy.err
+    assert json.loads(again.out) == json.loads(first.out)
+
+    # Retrained weights under the same folder name: a new key, computed afresh.
+    changed = tmp_path / "b_changed"
+    shutil.copytree(sets / "b", changed)
+    cache = OutputCache(cache_dir)
+    base = load_base(str(tiny_backbone), precision="fp32")
+    name = base.load(changed, name="bc")
+    enc = base.encode("sst", ["good", "bad"], name)
+    key = cache.key(base, name, "sst", enc)
+    weights = changed / "sst" / "head.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    assert OutputCache(cache_dir).key(base, name, "sst", enc) != key
+    assert cache.key(base, name, "sst", base.encode("sst", ["good", "worse"], name)) != key
+

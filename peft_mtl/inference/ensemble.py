@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..model import peft_compat
 from ..data.loading import EncodedSplit, iterate_batches
 from .evaluate import predictions_from_outputs, probabilities
+from .output_cache import OutputCache
 from ..model.heads import pool
 from .base_model import SEP, BaseModel
 from ..runtime import autocast
@@ -127,19 +128,32 @@ def cross_fitted_predictions(task: TaskSpec, labels: np.ndarray, outputs: list[n
 
 
 def member_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str],
-                   batched: bool | None = None, batch_size: int = 128, progress: bool = False) -> list[np.ndarray]:
+                   batched: bool | None = None, batch_size: int = 128, progress: bool = False,
+                   cache: OutputCache | None = None) -> list[np.ndarray]:
     """Raw outputs of every member on the same encoded inputs.
 
     ``batched=None`` picks what measured faster on CPU (reports/bench.md): one batched pass
     when all k copies of the inputs fit in one pass (online requests, where per-pass
     overhead dominates), one pass per member for bigger jobs (compute-bound GEMMs, which
-    batching does not speed up).
+    batching does not speed up). With a ``cache``, members whose outputs on these inputs are
+    stored are not run, and the others' outputs are stored.
     """
+    keys = {m: cache.key(base, m, task, encoded) for m in members} if cache is not None else {}
+    found = {m: cache.get(keys[m], len(encoded)) for m in members} if cache is not None else {}
+    to_run = [m for m in members if found.get(m) is None]
     if batched is None:
-        batched = len(encoded) * len(members) <= MAX_BATCHED_ROWS
-    if batched and _can_batch(base, members):
-        return _batched_outputs(base, task, encoded, members, batch_size, progress)
-    return [base.outputs(task, encoded, m, batch_size, progress) for m in members]
+        batched = len(encoded) * len(to_run) <= MAX_BATCHED_ROWS
+    if not to_run:
+        computed = []
+    elif batched and _can_batch(base, to_run):
+        computed = _batched_outputs(base, task, encoded, to_run, batch_size, progress)
+    else:
+        computed = [base.outputs(task, encoded, m, batch_size, progress) for m in to_run]
+    for m, out in zip(to_run, computed):
+        found[m] = out
+        if cache is not None:
+            cache.put(keys[m], out)
+    return [found[m] for m in members]
 
 
 def _can_batch(base: BaseModel, members: list[str]) -> bool:
