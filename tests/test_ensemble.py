@@ -124,6 +124,44 @@ def test_greedy_selection_adds_members_only_while_they_help_and_may_repeat_them(
     assert predictions.shape == (400,) and np.mean(predictions == labels) > 0.6
 
 
+def test_sorted_initialisation_starts_from_the_best_members_alone():
+    from peft_mtl.inference.ensemble import greedy_weights
+    from peft_mtl.data.tasks import get_task
+
+    sst = get_task("sst")
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, 300)
+    onehot = np.eye(5)[labels]
+    members = [np.log(q * onehot + (1 - q) * rng.dirichlet(np.ones(5), 300)) for q in (0.1, 0.5, 0.3, 0.05)]
+    counts = greedy_weights(sst, labels, members, init_best=2)
+    assert counts[1] >= 1 and counts[2] >= 1, "the two best alone are in from the start"
+    assert greedy_weights(sst, labels, members, init_best=4)[0] >= 1
+
+
+def test_bagged_selection_spreads_weight_over_equally_good_members_and_still_drops_bad_ones():
+    """Caruana's bagging: plain greedy leans on the few members that happen to fit the split best;
+    averaging selections over random halves of the members spreads the weight, and a member
+    that is always wrong still gets none."""
+    from peft_mtl.inference.ensemble import bagged_greedy_weights, cross_fitted_predictions, greedy_weights
+    from peft_mtl.data.tasks import get_task
+
+    sst = get_task("sst")
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 5, 400)
+    onehot = np.eye(5)[labels]
+    good = [np.log(0.35 * onehot + 0.65 * rng.dirichlet(np.ones(5), 400)) for _ in range(8)]  # same skill, own noise
+    anti = np.log(0.9 * np.eye(5)[(labels + 1) % 5] + 0.02)
+    members = good + [anti]
+    plain = np.asarray(greedy_weights(sst, labels, members), dtype=float)
+    bagged = np.asarray(bagged_greedy_weights(sst, labels, members))
+    assert bagged[-1] == 0 and plain[-1] == 0
+    assert bagged.sum() == pytest.approx(1.0)
+    assert np.count_nonzero(bagged[:-1]) > np.count_nonzero(plain[:-1])
+    assert bagged.max() / bagged.sum() < plain.max() / plain.sum()
+    predictions, folds = cross_fitted_predictions(sst, labels, members, select="bagged")
+    assert all(f[-1] == 0 for f in folds) and np.mean(predictions == labels) > np.mean(good[0].argmax(1) == labels)
+
+
 def test_cli_greedy_ensemble_records_its_per_task_selection(sets, small_data, tmp_path, capsys):
     record = tmp_path / "g.ensemble.json"
     members = [str(sets / "a"), str(sets / "b"), str(sets / "c")]  # c has only sst
@@ -140,6 +178,14 @@ def test_cli_greedy_ensemble_records_its_per_task_selection(sets, small_data, tm
     assert set(rec["members"]) == used
     assert main(["ensemble", *members, "--select", "greedy", "--weights", "1,2"]) == 2
     assert "--weights conflicts with --select greedy" in capsys.readouterr().err
+    bagged = tmp_path / "b.ensemble.json"
+    assert main(["ensemble", *members, "--data-dir", str(small_data), "--select", "bagged", "--no-progress",
+                 "--precision", "fp32", "--record", str(bagged)]) == 0
+    capsys.readouterr()
+    rec = json.loads(bagged.read_text())
+    assert rec["selection"]["method"].startswith("bagged greedy selection")
+    for chosen in rec["selection"]["tasks"].values():
+        assert sum(chosen["weights"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_output_cache_reuses_member_outputs_exactly_and_misses_when_anything_changes(sets, tiny_backbone, small_data,
