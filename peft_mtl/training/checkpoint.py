@@ -46,6 +46,13 @@ class Progress:
     history: list = field(default_factory=list)
     train_seconds: float = 0.0
     best_state: dict | None = None
+    # --keep-best per-task: task -> {"score", "epoch", "metrics"} of its best epoch, and the
+    # tensors of its routed adapters and head at that epoch.
+    task_best: dict = field(default_factory=dict)
+    task_best_state: dict | None = None
+
+
+TASK_KEY_SEP = "::"  # task::parameter in task_best.safetensors (parameter names never hold "::")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -75,6 +82,9 @@ def save(out: Path, *, model, optimizer, scheduler, streams, objective, progress
         save_tensors_atomic(trainable_state(model), tmp / "trainable.safetensors")
         if progress.best_state:
             save_tensors_atomic(progress.best_state, tmp / "best.safetensors")
+        if progress.task_best_state:
+            save_tensors_atomic({f"{t}{TASK_KEY_SEP}{n}": v for t, state in progress.task_best_state.items()
+                                 for n, v in state.items()}, tmp / "task_best.safetensors")
         if objective.tensors():
             save_tensors_atomic(objective.tensors(), tmp / "bregman.safetensors")
         rng_tensors = {f"rank{r}.{k}": v for r, s in enumerate(random_states) for k, v in s.items()
@@ -83,6 +93,7 @@ def save(out: Path, *, model, optimizer, scheduler, streams, objective, progress
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         meta = asdict(progress)
         meta.pop("best_state")
+        meta.pop("task_best_state")
         meta["streams"] = {t: s.state() for t, s in streams.items()}
         meta["config"] = cfg.to_dict()
         meta["processes"] = world
@@ -100,6 +111,12 @@ def load(out: Path) -> dict:
              "random": load_file(str(folder / "random.safetensors")) if (folder / "random.safetensors").is_file() else {}}
     if (folder / "best.safetensors").is_file():
         state["best"] = load_file(str(folder / "best.safetensors"))
+    if (folder / "task_best.safetensors").is_file():
+        per_task: dict[str, dict] = {}
+        for key, tensor in load_file(str(folder / "task_best.safetensors")).items():
+            task, name = key.split(TASK_KEY_SEP, 1)
+            per_task.setdefault(task, {})[name] = tensor
+        state["task_best"] = per_task
     if (folder / "bregman.safetensors").is_file():
         state["bregman"] = load_file(str(folder / "bregman.safetensors"))
     state["optim"] = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
@@ -136,6 +153,7 @@ def restore(state: dict, *, model, optimizer, scheduler, streams, objective, sur
     for k, v in meta.items():
         setattr(progress, k, v)
     progress.best_state = state.get("best")
+    progress.task_best_state = state.get("task_best")
     if "bregman" in state:
         objective.load_tensors(state["bregman"])
     tensors = state["random"]

@@ -22,7 +22,8 @@ SMART_PRECISIONS = ("fp32", "train")
 
 # Fields that say how a run is watched or stored, not what it computes: a resumed run may
 # change them (``--resume`` compares every other field with the interrupted run's).
-RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "checkpoint_every", "trace_dir", "device"})
+RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "checkpoint_every", "trace_dir", "device", "keep_best"})
+KEEP_BEST = ("overall", "per-task")
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,10 @@ class TrainConfig:
                               "accelerate launch each process uses the GPU accelerate assigns")
     seed: int = option(0, help="seed of every random choice of the run")
     patience: int = option(2, help="early stopping after this many epochs without dev improvement")
+    keep_best: str = option("overall", choices=KEEP_BEST,
+                            help="overall: save the epoch with the best overall dev score; per-task: save each "
+                                 "task's adapters and head from the epoch where that task scored best on dev (a "
+                                 "shared adapter is then saved once per epoch kept; lora and heads modes)")
     max_train_examples: int | None = option(None, help="use at most N training rows per task (a seeded random "
                                                              "sample: task files are often sorted by label)")
     max_eval_examples: int | None = option(None, help="use at most N dev rows per task (a seeded random sample)")
@@ -184,6 +189,11 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
                                                                 and self.device[5:].isdigit()):
             fail("device", f"{self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.keep_best not in KEEP_BEST:
+            fail("keep_best", f"must be one of {', '.join(KEEP_BEST)}, got {self.keep_best!r}")
+        if self.keep_best == "per-task" and self.mode == "full":
+            fail("keep_best", "per-task needs --mode lora or heads (a full fine-tune would save one encoder per "
+                              "epoch kept)")
         if self.lr <= 0:
             fail("lr", "must be positive")
         if self.head_lr is not None and self.head_lr <= 0:

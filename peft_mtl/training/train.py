@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .keep_best import apply_task_bests, record_task_bests
 from .. import device
 from ..model.backbone import (backbone_identity, count_parameters, load_encoder, load_quantized_encoder, load_tokenizer,
                               resolve_backbone, set_dropout)
@@ -123,6 +124,8 @@ def record_epoch(run: "Run", epoch: int, metrics: dict) -> None:
     log(f"epoch {epoch}/{run.cfg.epochs}: train loss {train_loss:.4f} | dev {shown}"
         + (f" | overall {overall:.4f}" if overall is not None else "")
         + f" | {elapsed:.0f}s" + (" | best" if improved else ""))
+    if run.cfg.keep_best == "per-task":
+        record_task_bests(run.model, state, epoch, metrics, run.primary)  # before the overall best moves on
     if improved:
         state.best_score, state.best_epoch, state.best_metrics = score, epoch, metrics
         state.epochs_since_best = 0
@@ -255,6 +258,10 @@ def finish(run: Run) -> dict:
     cfg, state, dist = run.cfg, run.progress, run.dist
     train_seconds = run.elapsed()
     ckpt.load_trainable_state(run.model, state.best_state)
+    kept, trainable = state.best_metrics, run.trainable
+    if cfg.keep_best == "per-task" and state.task_best:
+        trainable += apply_task_bests(run.model, state)
+        kept = {t: state.task_best[t]["metrics"] for t in state.best_metrics}
     manifest = {
         "mode": cfg.mode,
         "tasks": list(cfg.task_names),
@@ -264,10 +271,11 @@ def finish(run: Run) -> dict:
         "max_length": cfg.max_length,
         "config": cfg.to_dict(),
         "task_specs": {t: get_task(t).to_dict() for t in cfg.task_names},
-        "metrics": {"dev": state.best_metrics, "overall": overall_score(state.best_metrics, run.primary),
-                    "best_epoch": state.best_epoch},
+        "metrics": {"dev": kept, "overall": overall_score(kept, run.primary), "best_epoch": state.best_epoch,
+                    **({"task_best_epochs": {t: state.task_best[t]["epoch"] for t in kept}}
+                       if cfg.keep_best == "per-task" and state.task_best else {})},
         "history": state.history,
-        "parameters": {"trainable": run.trainable, "total": run.total},
+        "parameters": {"trainable": trainable, "total": run.total - run.trainable + trainable},
         "train_examples": run.sizes,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - run.started, 1),
@@ -285,12 +293,14 @@ def finish(run: Run) -> dict:
         with open(Path(cfg.trace_dir) / f"rank{dist.rank}.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"final_trainable_sha256": state_digest(ckpt.trainable_state(run.model))}) + "\n")
     summary = {"out": str(run.out), "tasks": cfg.task_names, "mode": cfg.mode, "best_epoch": state.best_epoch,
-               "dev": state.best_metrics, "overall": overall_score(state.best_metrics, run.primary),
-               "trainable_parameters": run.trainable, "train_seconds": round(train_seconds, 1)}
+               "dev": kept, "overall": overall_score(kept, run.primary),
+               "trainable_parameters": trainable, "train_seconds": round(train_seconds, 1)}
     if dist.enabled:
         summary.update(rank=dist.rank, processes=dist.world)
-    log(f"done: {run.out} | best epoch {state.best_epoch} | "
-        + " ".join(f"{t} {k} {v:.4f}" for t, m in state.best_metrics.items() for k, v in m.items())
+    epochs = manifest["metrics"].get("task_best_epochs")
+    log(f"done: {run.out} | best epoch "
+        + (", ".join(f"{t} {e}" for t, e in epochs.items()) if epochs else str(state.best_epoch)) + " | "
+        + " ".join(f"{t} {k} {v:.4f}" for t, m in kept.items() for k, v in m.items())
         + f" | {train_seconds:.0f}s training")
     return summary
 
