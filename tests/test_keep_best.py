@@ -81,6 +81,21 @@ def test_each_task_is_saved_from_its_own_best_epoch(runs):
     assert extra > 0 and manifest["parameters"]["total"] - plain["parameters"]["total"] == extra
     assert summary["overall"] > plain_summary["overall"]
 
+    # benchmarks/keep_best_from_history.py reads both numbers off either run's history.
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "keep_best_from_history.py"),
+                            run_name="not_main")
+    record_path = runs.root / "keep_best.json"
+    assert script["main"]([str(runs.root / "per_task"), str(runs.root / "overall"), "--json", str(record_path)]) == 0
+    record = json.loads(record_path.read_text())
+    for name in ("per_task", "overall"):
+        entry = record["runs"][str(runs.root / name)]
+        assert entry["per_task_kept"]["overall"] == pytest.approx(manifest["metrics"]["overall"])
+        assert entry["overall_kept"]["overall"] == pytest.approx(plain["metrics"]["overall"])
+    assert record["gain"]["mean"] == pytest.approx(manifest["metrics"]["overall"] - plain["metrics"]["overall"])
+
 
 class Interrupt(Exception):
     pass
