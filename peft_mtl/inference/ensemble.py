@@ -187,16 +187,18 @@ def member_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: l
     to_run = [m for m in members if found.get(m) is None]
     if batched is None:
         batched = len(encoded) * len(to_run) <= MAX_BATCHED_ROWS
-    if not to_run:
-        computed = []
-    elif batched and _can_batch(base, to_run):
-        computed = _batched_outputs(base, task, encoded, to_run, batch_size, progress)
+
+    def keep(member: str, out: np.ndarray) -> None:
+        found[member] = out
+        if cache is not None:  # stored as each member finishes: an interrupted job keeps what it did
+            cache.put(keys[member], out)
+
+    if to_run and batched and _can_batch(base, to_run):
+        for m, out in zip(to_run, _batched_outputs(base, task, encoded, to_run, batch_size, progress)):
+            keep(m, out)
     else:
-        computed = [base.outputs(task, encoded, m, batch_size, progress) for m in to_run]
-    for m, out in zip(to_run, computed):
-        found[m] = out
-        if cache is not None:
-            cache.put(keys[m], out)
+        for m in to_run:
+            keep(m, base.outputs(task, encoded, m, batch_size, progress))
     return [found[m] for m in members]
 
 
