@@ -156,8 +156,10 @@ def _ensemble_detail(rec: dict) -> str:
                     + ", ".join(f"{t} {len(m)}" for t, m in per_task.items()))
         return f"{len(rec['members'])} members, {rec.get('method', 'mean')}"
     in_sample = rec["metrics"].get("overall")
-    return (f"{len(rec['members'])} members, greedy per task; cross-fitted scores (selected and scored on all of dev: "
-            f"{in_sample:.4f})" if in_sample is not None else f"{len(rec['members'])} members, greedy per task")
+    rule = "bagged selection" if selection.get("method", "").startswith("bagged") else "greedy"
+    head = f"{len(rec['members'])} members, {rule} per task"
+    return (f"{head}; cross-fitted scores (selected and scored on all of dev: {in_sample:.4f})"
+            if in_sample is not None else head)
 
 
 def reference_row(path: Path, root: Path) -> Row:
