@@ -86,6 +86,8 @@ def _detail(manifest: dict) -> str:
         parts.append(f"lr {cfg['lr']:g}")
     steps = cfg.get("steps_per_epoch")
     parts.append(f"{cfg.get('epochs')} ep" + (f" × {steps} steps" if steps else ""))
+    if cfg.get("keep_best") == "per-task":
+        parts.append("each task from its best epoch")
     if cfg.get("max_eval_examples"):
         # Not comparable with full-dev rows: say so where the number is printed.
         parts.append(f"dev = first {cfg['max_eval_examples']} rows only")

@@ -19,7 +19,8 @@ def test_the_ensemble_script_rebuilds_the_recorded_shipped_ensemble_from_shipped
     command = re.search(r"^exec (peft-mtl ensemble .*?)\"\$@\"", script, flags=re.S | re.M).group(1)
     argv = shlex.split(command.replace("\\\n", " "))
     record_path = argv[argv.index("--record") + 1]
-    pool = [a for a in argv[2:] if not a.startswith("--") and a != record_path and a != argv[argv.index("--select") + 1]]
+    with_value = {"--record", "--select", "--cache-dir", "--method", "--regression-method", "--split"}
+    pool = [a for i, a in enumerate(argv[2:], start=2) if not a.startswith("--") and argv[i - 1] not in with_value]
     record = json.loads((REPO / record_path).read_text())
     assert record["split"] == "dev" and set(record["members"]) <= set(pool)
     for folder in pool:
