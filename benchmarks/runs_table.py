@@ -20,7 +20,8 @@ def flags(config: dict) -> str:
     out = []
     for key in ("tasks", "mode", "epochs", "steps_per_epoch", "sampling", "pooling", "lr", "lora.rank", "lora.alpha",
                 "lora.targets", "lora.dropout", "smart.weight", "smart.steps", "smart.bregman_mu", "shared_adapter", "task_losses",
-                "backbone_dropout", "quantize", "precision", "max_eval_examples", "max_train_examples"):
+                "backbone_dropout", "quantize", "precision", "max_eval_examples", "max_train_examples", "keep_best",
+                "seed"):
         parts = key.split(".")
         value, base = config, default
         for p in parts:

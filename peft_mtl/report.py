@@ -235,7 +235,10 @@ def group_seeds(rows: list[Row]) -> list[Row]:
         else:
             out.append(r)
     for parent, members in groups.items():
-        if len({(m.trainable, m.mode, m.partial_dev) for m in members}) > 1:
+        # One recipe: same mode and settings. Stored sizes may still differ by seed (--keep-best
+        # per-task saves a shared adapter once per epoch kept): the row shows their mean.
+        if len({(m.mode, m.partial_dev, m.detail) for m in members}) > 1 or (
+                "each task from its best epoch" not in members[0].detail and len({m.trainable for m in members}) > 1):
             out += members  # not one recipe after all: list them as they are
             continue
         first = members[0]
@@ -248,8 +251,11 @@ def group_seeds(rows: list[Row]) -> list[Row]:
             if len(members) > 1:
                 sd["overall"] = statistics.stdev(m.overall for m in members)
         times = [m.train_seconds for m in members if m.train_seconds is not None]
-        out.append(Row(name=parent, mode=first.mode, backbone=first.backbone, trainable=first.trainable,
-                       total=first.total, bytes_on_disk=first.bytes_on_disk, metrics=metrics, overall=overall,
+        out.append(Row(name=parent, mode=first.mode, backbone=first.backbone,
+                       trainable=round(statistics.fmean(m.trainable for m in members)),
+                       total=round(statistics.fmean(m.total for m in members)),
+                       bytes_on_disk=round(statistics.fmean(m.bytes_on_disk for m in members)), metrics=metrics,
+                       overall=overall,
                        train_seconds=statistics.fmean(times) if times else None,
                        detail=f"{first.detail}, {len(members)} seed{'s' if len(members) > 1 else ''}",
                        partial_dev=first.partial_dev, seeds=len(members), sd=sd))

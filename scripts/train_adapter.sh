@@ -21,8 +21,8 @@ case "$TASK" in
   sts) DEFAULTS=(--tasks sts --epochs 4) ;;
   # Shared + per-task adapters with uniform task sampling measured best of the schedules
   # tried (overall dev 0.75+ vs 0.749 for annealed at 4 epochs; reports/multitask.md).
-  # --keep-best per-task (each task from its own best epoch) measured +0.18 ± 0.22 point over 3
-  # seeds at this budget, within noise, for 25 % more stored parameters: not the default.
+  # --keep-best per-task (each task from its own best epoch) measured +0.19 ± 0.18 point over 4
+  # full-budget runs, within noise, for 25 % more stored parameters: not the default.
   all) DEFAULTS=(--tasks sst,qqp,sts --epochs 4 --sampling uniform) ;;
   *) echo "train_adapter.sh: unknown task '$TASK'; use sst, qqp, sts or all" >&2; exit 2 ;;
 esac
