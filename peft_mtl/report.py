@@ -75,13 +75,18 @@ def _detail(manifest: dict) -> str:
         parts.append(cfg["quantize"])
     smart = cfg.get("smart", {})
     if smart.get("weight") or smart.get("task_weights"):
-        parts.append(f"SMART λ={smart.get('weight')}")
+        per_task = "".join(f" {t}={w:g}" for t, w in sorted((smart.get("task_weights") or {}).items()))
+        parts.append(f"SMART λ={smart.get('weight'):g}" + (f",{per_task}" if per_task else "")
+                     + (" normalized" if smart.get("projection") == "normalize" else ""))
     if smart.get("bregman_mu"):
         parts.append(f"Bregman μ={smart.get('bregman_mu')}")
     if cfg.get("lora_plus_ratio", 1.0) != 1.0:
         parts.append(f"LoRA+ ×{cfg['lora_plus_ratio']:g}")
     for task, loss in sorted((cfg.get("task_losses") or {}).items()):
         parts.append(f"{task} {loss} loss")
+    if cfg.get("teacher"):
+        parts.append(f"distilled from {Path(cfg['teacher']).name} (α {cfg.get('distill_weight'):g}, "
+                     f"T {cfg.get('distill_temperature'):g})")
     if cfg.get("lr") is not None:
         parts.append(f"lr {cfg['lr']:g}")
     steps = cfg.get("steps_per_epoch")

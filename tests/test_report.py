@@ -171,3 +171,16 @@ def test_the_zoomed_panel_spreads_out_the_best_runs_and_names_the_main_rows():
     boxes = [t.get_window_extent(renderer) for t in zoomed.texts]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+def test_a_rows_details_name_per_task_smart_and_the_distillation_teacher():
+    from peft_mtl.report import _detail
+
+    manifest = {"mode": "lora", "tasks": ["sst", "qqp"],
+                "config": {"lora": {"rank": 16, "targets": "all-linear"}, "sampling": "uniform", "lr": 1e-3,
+                           "epochs": 4, "smart": {"weight": 0.0, "task_weights": {"sst": 1.0}, "projection": "normalize"},
+                           "teacher": "reports/ensemble_bagged.ensemble.json", "distill_weight": 0.5,
+                           "distill_temperature": 2.0}}
+    detail = _detail(manifest)
+    assert "SMART λ=0, sst=1 normalized" in detail
+    assert "distilled from ensemble_bagged.ensemble.json (α 0.5, T 2)" in detail

@@ -8,6 +8,7 @@ the flag a user typed (``--pcgrad``), not an internal field name.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,8 @@ SMART_PRECISIONS = ("fp32", "train")
 
 # Fields that say how a run is watched or stored, not what it computes: a resumed run may
 # change them (``--resume`` compares every other field with the interrupted run's).
-RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "checkpoint_every", "trace_dir", "device", "keep_best"})
+RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "checkpoint_every", "trace_dir", "device", "keep_best",
+                                "teacher_cache"})
 KEEP_BEST = ("overall", "per-task")
 
 
@@ -118,6 +120,16 @@ class TrainConfig:
     simcse_max_sentences: int = option(20000, help="SimCSE: at most this many training sentences")
     extra_train: dict[str, str] = option(factory=dict, metavar="TASK=FILE",
                                          help="extra training rows for TASK, repeatable (not counted in the sampler's N_i)")
+    teacher: str | None = option(None, metavar="RECORD",
+                                 help="knowledge distillation: also learn this teacher's outputs on the training rows "
+                                      "- an ensemble record (NAME.ensemble.json from `peft-mtl ensemble --record`, "
+                                      "its members and per-task weights) or an adapter-set folder")
+    distill_weight: float = option(0.5, help="distillation: weight alpha of the teacher term; the label loss gets 1 - alpha")
+    distill_temperature: float = option(2.0, help="distillation: temperature T softening teacher and student "
+                                                  "probabilities (classification tasks)")
+    teacher_cache: str | None = option(None, metavar="DIR",
+                                       help="distillation: where the teacher's outputs are cached (default "
+                                            "~/.cache/peft_mtl/outputs, shared with `peft-mtl ensemble --cache-dir`)")
     precision: str = option("auto", choices=PRECISIONS,
                             help="auto: bf16 autocast on GPUs with bf16 (else fp16 + gradient scaling) and on CPUs "
                                  "with native bf16, else fp32")
@@ -194,6 +206,13 @@ class TrainConfig:
         if self.keep_best == "per-task" and self.mode == "full":
             fail("keep_best", "per-task needs --mode lora or heads (a full fine-tune would save one encoder per "
                               "epoch kept)")
+        if self.teacher is not None and not os.path.exists(self.teacher):
+            fail("teacher", f"{self.teacher}: no such file or folder; give an ensemble record (NAME.ensemble.json "
+                            f"from `peft-mtl ensemble --record`) or an adapter-set folder")
+        if not 0 <= self.distill_weight <= 1:
+            fail("distill_weight", "must be in [0, 1]")
+        if self.distill_temperature <= 0:
+            fail("distill_temperature", "must be positive")
         if self.lr <= 0:
             fail("lr", "must be positive")
         if self.head_lr is not None and self.head_lr <= 0:

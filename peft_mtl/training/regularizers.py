@@ -1,4 +1,5 @@
-"""The training objective of one batch: task loss + λ_s·R_s (SMART) + μ·D_Breg (Bregman).
+"""The training objective of one batch: task loss + λ_s·R_s (SMART) + μ·D_Breg (Bregman)
+(+ a teacher's term when distilling: the task loss then weighs 1 - α, the teacher's α).
 
 :class:`Objective` is the one owner of everything these terms share and that is easy to
 get wrong when spread over a loop:
@@ -25,6 +26,7 @@ import torch
 from .. import device
 from .config import TrainConfig
 from ..model.kernels import all_dropout_pairable
+from .distill import Teacher, distillation_loss
 from .losses import get_loss
 from ..device import autocast
 from .smart import BregmanProximal, smart_random_paired, smart_regularizer
@@ -47,10 +49,12 @@ class Objective:
         cfg: the run's config (losses, SMART and Bregman settings).
         precision: the run's compute precision (``fp32`` or ``bf16``).
         rank: process rank, so that each process draws its own SMART noise.
+        teacher: soft targets of the training rows (``--teacher``), or None.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, precision: str, rank: int = 0):
-        self.cfg, self.smart, self.precision = cfg, cfg.smart, precision
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, precision: str, rank: int = 0,
+                 teacher: Teacher | None = None):
+        self.cfg, self.smart, self.precision, self.teacher = cfg, cfg.smart, precision, teacher
         self.bregman = (BregmanProximal(model, cfg.smart.bregman_mu, cfg.smart.bregman_beta)
                         if cfg.smart.bregman_mu > 0 else None)
         self.noise = device.generator(cfg.seed * 1_000_003 + 7919 * rank + 0x5A)
@@ -80,7 +84,8 @@ class Objective:
         return sum(self.terms(model, batch).values())
 
     def terms(self, model, batch) -> dict[str, torch.Tensor]:
-        """``{"task": ℓ, "smart": λ_s·R_s, "bregman": μ·D_Breg}``, the last two only when enabled."""
+        """``{"task": ℓ, "smart": λ_s·R_s, "bregman": μ·D_Breg, "distill": α·D}``, the last three only when
+        enabled (with a teacher for the task, ``task`` is (1 - α)·ℓ)."""
         task = get_task(batch.task)
         loss_fn = get_loss(loss_name_for(self.cfg, task))
         weight = self.smart.weight_for(task.name)
@@ -94,6 +99,11 @@ class Objective:
                     output = model(task.name, batch.inputs)
                 reg = self._smart(model, task, batch, output, list(embeddings), masks) if weight > 0 else None
             terms["task"] = loss_fn(output, batch.labels.to(output.device), alpha=self.cfg.ordinal_alpha)
+            targets = self.teacher.batch_targets(task.name, batch.indices, output.device) if self.teacher else None
+            if targets is not None:
+                alpha = self.cfg.distill_weight
+                terms["task"] = (1 - alpha) * terms["task"]
+                terms["distill"] = alpha * distillation_loss(task.kind, output, targets, self.cfg.distill_temperature)
             if reg is not None:
                 terms["smart"] = weight * reg
             if self.bregman is not None:

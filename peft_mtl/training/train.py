@@ -34,6 +34,7 @@ from .. import device
 from ..model.backbone import (backbone_identity, count_parameters, load_encoder, load_quantized_encoder, load_tokenizer,
                               resolve_backbone, set_dropout)
 from .config import TrainConfig
+from .distill import load_teacher
 from ..data.loading import BatchStream, EncodedSplit, LoadedSplit, default_data_dir, encode_split, load_split, task_file
 from .distributed import Dist, setup as setup_distributed
 from ..inference.evaluate import evaluate_sharded
@@ -210,7 +211,8 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     if cfg.backbone_dropout is not None:
         set_dropout(encoder, cfg.backbone_dropout)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-    train_splits, dev_splits, sizes = load_task_data(cfg, tokenizer, data_dir)
+    raw_train: dict[str, LoadedSplit] = {}
+    train_splits, dev_splits, sizes = load_task_data(cfg, tokenizer, data_dir, raw_train)
     pad_id = tokenizer.pad_token_id or 0
 
     model = build_model(cfg, encoder, encoder.config.hidden_size)
@@ -233,7 +235,12 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     if len(cfg.task_names) == 1 and not cfg.steps_per_epoch:  # one task: a pass over its rows, extra rows included
         steps_per_epoch = math.ceil(len(train_splits[cfg.task_names[0]]) / cfg.batch_size)
     scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_ratio)
-    objective = Objective(model, cfg, precision, dist.rank)
+    teacher = None
+    if cfg.teacher:
+        teacher = load_teacher(cfg.teacher, raw_train, {t: get_task(t) for t in cfg.task_names},
+                               precision=cfg.precision, device=str(where), cache_dir=cfg.teacher_cache,
+                               progress=progress and dist.is_main, log=log)
+    objective = Objective(model, cfg, precision, dist.rank, teacher)
     surgery = PCGrad(cfg.seed) if cfg.pcgrad else None
     step = TrainingStep(model, objective, optimizer, scheduler, cfg.max_grad_norm, surgery, dist,
                         device.grad_scaler(precision))
@@ -326,8 +333,12 @@ def check_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
         raise TrainingError(f"{out}: not writable ({err.strerror}); choose an --out you can write to") from None
 
 
-def load_task_data(cfg: TrainConfig, tokenizer, data_dir: Path) -> tuple[dict[str, EncodedSplit], dict[str, EncodedSplit], dict[str, int]]:
-    """Encoded train and dev splits per task, and N_i (real training examples) for the sampler."""
+def load_task_data(cfg: TrainConfig, tokenizer, data_dir: Path, raw_train: dict[str, LoadedSplit] | None = None,
+                   ) -> tuple[dict[str, EncodedSplit], dict[str, EncodedSplit], dict[str, int]]:
+    """Encoded train and dev splits per task, and N_i (real training examples) for the sampler.
+
+    ``raw_train``, if given, receives the training rows as read (in the encoded splits' order),
+    for whatever needs the texts again (a distillation teacher encodes them its own way)."""
     train, dev, sizes = {}, {}, {}
     for name in cfg.task_names:
         task = get_task(name)
@@ -341,6 +352,8 @@ def load_task_data(cfg: TrainConfig, tokenizer, data_dir: Path) -> tuple[dict[st
         dev_split = _load_reported(task_file(data_dir, task, "dev"), task, cfg.strict_data)
         dev_split.examples = sample_rows(dev_split.examples, cfg.max_eval_examples, cfg.seed, name, "dev")
         train[name] = encode_split(real, tokenizer, cfg.max_length, cfg.pair_encoding)
+        if raw_train is not None:
+            raw_train[name] = real
         dev[name] = encode_split(dev_split, tokenizer, cfg.max_length, cfg.pair_encoding)
         for split_name, enc in (("train", train[name]), ("dev", dev[name])):
             if enc.truncated:
