@@ -85,7 +85,8 @@ def _detail(manifest: dict) -> str:
     for task, loss in sorted((cfg.get("task_losses") or {}).items()):
         parts.append(f"{task} {loss} loss")
     if cfg.get("teacher"):
-        parts.append(f"distilled from {Path(cfg['teacher']).name} (α {cfg.get('distill_weight'):g}, "
+        top = f", its {cfg['teacher_members']} heaviest members per task" if cfg.get("teacher_members") else ""
+        parts.append(f"distilled from {Path(cfg['teacher']).name}{top} (α {cfg.get('distill_weight'):g}, "
                      f"T {cfg.get('distill_temperature'):g})")
     if cfg.get("lr") is not None:
         parts.append(f"lr {cfg['lr']:g}")

@@ -125,6 +125,28 @@ def test_the_teacher_is_the_records_weighted_ensemble_on_the_training_rows_in_or
     assert "3 member outputs from the cache" in logs[0] and "0 computed" in logs[0]
 
 
+def test_teacher_members_keeps_each_tasks_heaviest_members_renormalised(two_sets, small_data, tmp_path):
+    a, b = str(two_sets / "a"), str(two_sets / "b")
+    record = tmp_path / "pair.ensemble.json"
+    record.write_text(json.dumps({
+        "members": [a, b], "tasks": {"sst": [a, b], "sts": [a, b]}, "method": "mean", "regression_method": "mean",
+        "weights": None,
+        "selection": {"tasks": {"sst": {"weights": {a: 0.25, b: 0.75}}, "sts": {"weights": {a: 0.6, b: 0.4}}}}}))
+    raw = _raw_train(small_data)
+    specs = {t: get_task(t) for t in raw}
+    top1 = load_teacher(record, raw, specs, precision="fp32", cache_dir=tmp_path / "cache", top_members=1,
+                        log=lambda _: None)
+    alone = {t: load_teacher(two_sets / name, raw, specs, precision="fp32", cache_dir=tmp_path / "cache",
+                             log=lambda _: None).targets[t] for t, name in (("sst", "b"), ("sts", "a"))}
+    assert top1.members == {"sst": 1, "sts": 1}
+    for task in ("sst", "sts"):  # the heaviest member alone, at full weight
+        np.testing.assert_allclose(top1.targets[task].numpy(), alone[task].numpy(), atol=1e-6)
+    both = load_teacher(record, raw, specs, precision="fp32", cache_dir=tmp_path / "cache", top_members=5,
+                        log=lambda _: None)
+    assert both.members == {"sst": 2, "sts": 2}  # K above the member count keeps them all
+    assert not np.allclose(both.targets["sst"].numpy(), top1.targets["sst"].numpy(), atol=1e-4)
+
+
 def test_a_set_folder_is_a_teacher_for_all_its_tasks(two_sets, small_data, tmp_path):
     raw = _raw_train(small_data)
     teacher = load_teacher(two_sets / "a", raw, {t: get_task(t) for t in raw}, precision="fp32",

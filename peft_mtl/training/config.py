@@ -124,6 +124,10 @@ class TrainConfig:
                                  help="knowledge distillation: also learn this teacher's outputs on the training rows "
                                       "- an ensemble record (NAME.ensemble.json from `peft-mtl ensemble --record`, "
                                       "its members and per-task weights) or an adapter-set folder")
+    teacher_members: int = option(0, metavar="K",
+                                  help="distillation: keep only each task's K heaviest ensemble members, their weights "
+                                       "renormalised (0: all members with weight); the teacher costs one forward pass "
+                                       "per member and training row")
     distill_weight: float = option(0.5, help="distillation: weight alpha of the teacher term; the label loss gets 1 - alpha")
     distill_temperature: float = option(2.0, help="distillation: temperature T softening teacher and student "
                                                   "probabilities (classification tasks)")
@@ -209,6 +213,8 @@ class TrainConfig:
         if self.teacher is not None and not os.path.exists(self.teacher):
             fail("teacher", f"{self.teacher}: no such file or folder; give an ensemble record (NAME.ensemble.json "
                             f"from `peft-mtl ensemble --record`) or an adapter-set folder")
+        if self.teacher_members < 0:
+            fail("teacher_members", "must be 0 (all members) or more")
         if not 0 <= self.distill_weight <= 1:
             fail("distill_weight", "must be in [0, 1]")
         if self.distill_temperature <= 0:

@@ -64,8 +64,12 @@ def default_cache_dir() -> Path:
     return Path(root) / "outputs"
 
 
-def teacher_members(source: str | Path) -> tuple[dict[str, list[tuple[Path, float]]] | None, dict]:
+def teacher_members(source: str | Path, top: int = 0) -> tuple[dict[str, list[tuple[Path, float]]] | None, dict]:
     """``task → [(folder, weight)]`` of an ensemble record, and how it combines members.
+
+    ``top > 0`` keeps each task's ``top`` heaviest members (ties: the record's order); the
+    combination renormalises their weights. A large selected ensemble spreads little weight
+    over many members, and the teacher costs one forward pass per member and training row.
 
     A set folder (one teacher for all its tasks) returns ``(None, {})``; the caller then
     asks the folder which tasks it has.
@@ -101,6 +105,8 @@ def teacher_members(source: str | Path) -> tuple[dict[str, list[tuple[Path, floa
                 w = 1.0
             if w > 0:
                 weighted.append((_resolve_member(folder, path), w))
+        if top > 0:
+            weighted = sorted(weighted, key=lambda fw: -fw[1])[:top]  # stable: ties keep the record's order
         if weighted:
             out[task] = weighted
     how = {"method": record.get("method", "mean"), "regression_method": record.get("regression_method", "mean")}
@@ -119,7 +125,7 @@ def _resolve_member(folder: str, record: Path) -> Path:
 
 def load_teacher(source: str | Path, raw_splits: dict[str, LoadedSplit], student_specs: dict[str, TaskSpec],
                  backbone: str | None = None, precision: str = "auto", device: str = "auto",
-                 cache_dir: str | Path | None = None, progress: bool = False,
+                 cache_dir: str | Path | None = None, top_members: int = 0, progress: bool = False,
                  log: Callable[[str], None] = print) -> Teacher:
     """The teacher's combined outputs on every row of ``raw_splits`` (the student's training rows, in order)."""
     from ..inference.base_model import load_base
@@ -127,7 +133,7 @@ def load_teacher(source: str | Path, raw_splits: dict[str, LoadedSplit], student
     from ..inference.output_cache import OutputCache
     from ..runs import read_manifest
 
-    weighted, how = teacher_members(source)
+    weighted, how = teacher_members(source, top_members)
     if weighted is None:
         tasks = read_manifest(source).get("tasks") or []
         weighted = {t: [(Path(source), 1.0)] for t in tasks}

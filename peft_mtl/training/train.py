@@ -239,7 +239,7 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     if cfg.teacher:
         teacher = load_teacher(cfg.teacher, raw_train, {t: get_task(t) for t in cfg.task_names},
                                precision=cfg.precision, device=str(where), cache_dir=cfg.teacher_cache,
-                               progress=progress and dist.is_main, log=log)
+                               top_members=cfg.teacher_members, progress=progress and dist.is_main, log=log)
     objective = Objective(model, cfg, precision, dist.rank, teacher)
     surgery = PCGrad(cfg.seed) if cfg.pcgrad else None
     step = TrainingStep(model, objective, optimizer, scheduler, cfg.max_grad_norm, surgery, dist,
