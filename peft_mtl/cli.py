@@ -327,6 +327,9 @@ def cmd_sweep(args, argv) -> int:
         raise ConfigError(f"{args.file}: these finished runs in {out} were trained with other settings than their "
                           f"recipe now asks for: " + "; ".join(stale) + ". Move them away (they will be retrained) "
                           "or give the changed recipe a new name.")
+    if args.summary_only and not out.is_dir():
+        raise ConfigError(f"{out}: no such folder, so no finished runs to tabulate; train them first "
+                          f"(`peft-mtl sweep {args.file} --out {out}`) or point --out at the sweep's folder")
     failed = [] if args.summary_only else run_jobs(jobs, out, workers=args.workers, threads=args.threads)
     # The table is a function of the runs, however they were trained: record the command that trains them.
     command = " ".join(a for a in ["peft-mtl", *argv] if a != "--summary-only")
@@ -343,6 +346,15 @@ def cmd_sweep(args, argv) -> int:
     return 1 if failed else 0
 
 
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """How a loaded set runs: the options shared by eval, predict and ensemble."""
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
+    p.add_argument("--int8", action="store_true",
+                   help="run each set as an int8 ONNX Runtime graph with its adapters merged (CPU; built once, "
+                        "cached in ~/.cache/peft_mtl). Measured cost: reports/int8.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-mtl", description="Parameter-efficient multi-task fine-tuning of BERT encoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -356,11 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--backbone", default=None, help="override the backbone recorded in the folder")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
-    p.add_argument("--int8", action="store_true",
-                   help="run each set as an int8 ONNX Runtime graph with its adapters merged (CPU; built once, "
-                        "cached in ~/.cache/peft_mtl). Measured cost: reports/int8.md")
+    _add_engine_options(p)
     p.add_argument("--strict", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -374,11 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sep", default="|||", help="separator between the sentences of a pair (default |||)")
     p.add_argument("--pairs-file", default=None)
     p.add_argument("--backbone", default=None)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
-    p.add_argument("--int8", action="store_true",
-                   help="run each set as an int8 ONNX Runtime graph with its adapters merged (CPU; built once, "
-                        "cached in ~/.cache/peft_mtl). Measured cost: reports/int8.md")
+    _add_engine_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("ensemble", help="evaluate an ensemble of adapter sets on one shared backbone")
@@ -404,11 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the inputs, precision, device and versions), so rescoring other combinations of the "
                         "same members costs no forward pass")
     p.add_argument("--backbone", default=None)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
-    p.add_argument("--int8", action="store_true",
-                   help="run each set as an int8 ONNX Runtime graph with its adapters merged (CPU; built once, "
-                        "cached in ~/.cache/peft_mtl). Measured cost: reports/int8.md")
+    _add_engine_options(p)
     p.add_argument("--strict", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ensemble)
@@ -430,11 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inputs", type=int, default=64, help="inputs per request")
     p.add_argument("--max-chars", type=int, default=2000, help="characters per sentence")
     p.add_argument("--backbone", default=None, help="default: the first set's backbone")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    p.add_argument("--device", default="auto", help="auto (a CUDA GPU if present, else the CPU) | cpu | cuda | cuda:N")
-    p.add_argument("--int8", action="store_true",
-                   help="run each set as an int8 ONNX Runtime graph with its adapters merged (CPU; built once, "
-                        "cached in ~/.cache/peft_mtl). Measured cost: reports/int8.md")
+    _add_engine_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a set as self-contained ONNX or OpenVINO models (adapters merged, heads included)")

@@ -98,14 +98,20 @@ def _raw_train(small_data):
     return {t: load_split(task_file(small_data, get_task(t), "train"), get_task(t)) for t in ("sst", "sts")}
 
 
-def test_the_teacher_is_the_records_weighted_ensemble_on_the_training_rows_in_order(two_sets, small_data, tiny_backbone,
-                                                                                    tmp_path):
+def _pair_record(two_sets, tmp_path, **weights):
+    """An ensemble record of sets a and b with per-task selected weights ``task=(w_a, w_b)``."""
     a, b = str(two_sets / "a"), str(two_sets / "b")
     record = tmp_path / "pair.ensemble.json"
     record.write_text(json.dumps({
-        "members": [a, b], "tasks": {"sst": [a, b], "sts": [a, b]}, "method": "mean", "regression_method": "mean",
+        "members": [a, b], "tasks": {t: [a, b] for t in weights}, "method": "mean", "regression_method": "mean",
         "weights": None,
-        "selection": {"tasks": {"sst": {"weights": {a: 0.75, b: 0.25}}, "sts": {"weights": {a: 0.0, b: 1.0}}}}}))
+        "selection": {"tasks": {t: {"weights": {a: wa, b: wb}} for t, (wa, wb) in weights.items()}}}))
+    return record
+
+
+def test_the_teacher_is_the_records_weighted_ensemble_on_the_training_rows_in_order(two_sets, small_data, tiny_backbone,
+                                                                                    tmp_path):
+    record = _pair_record(two_sets, tmp_path, sst=(0.75, 0.25), sts=(0.0, 1.0))
     raw = _raw_train(small_data)
     specs = {t: get_task(t) for t in raw}
     logs = []
@@ -126,12 +132,7 @@ def test_the_teacher_is_the_records_weighted_ensemble_on_the_training_rows_in_or
 
 
 def test_teacher_members_keeps_each_tasks_heaviest_members_renormalised(two_sets, small_data, tmp_path):
-    a, b = str(two_sets / "a"), str(two_sets / "b")
-    record = tmp_path / "pair.ensemble.json"
-    record.write_text(json.dumps({
-        "members": [a, b], "tasks": {"sst": [a, b], "sts": [a, b]}, "method": "mean", "regression_method": "mean",
-        "weights": None,
-        "selection": {"tasks": {"sst": {"weights": {a: 0.25, b: 0.75}}, "sts": {"weights": {a: 0.6, b: 0.4}}}}}))
+    record = _pair_record(two_sets, tmp_path, sst=(0.25, 0.75), sts=(0.6, 0.4))
     raw = _raw_train(small_data)
     specs = {t: get_task(t) for t in raw}
     top1 = load_teacher(record, raw, specs, precision="fp32", cache_dir=tmp_path / "cache", top_members=1,

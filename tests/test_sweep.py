@@ -91,6 +91,14 @@ def test_a_misspelt_recipe_fails_before_anything_trains(tiny_backbone, small_dat
     assert not (tmp_path / "runs").exists()
 
 
+def test_tabulating_a_folder_that_holds_no_sweep_says_so(tiny_backbone, small_data, tmp_path, capsys):
+    spec = _sweep_file(tmp_path / "s.yaml", tiny_backbone, small_data, {"r2": "--lora-rank 2"})
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "nowhere"), "--summary-only"]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere: no such folder" in err and "Traceback" not in err
+    assert not (tmp_path / "nowhere").exists()
+
+
 @pytest.mark.parametrize("recipes, baseline, message", [
     ({"a": "--out x"}, "a", "set by the sweep itself"),
     ({"a": ""}, "b", "baseline 'b' is not one of the recipes"),
