@@ -15,7 +15,7 @@ from peft_mtl.data.tasks import get_task
 from peft_mtl.inference.ensemble import combine
 from peft_mtl.training import train as train_module
 from peft_mtl.training.config import ConfigError
-from peft_mtl.training.distill import Teacher, TeacherError, distillation_loss, load_teacher
+from peft_mtl.training.distill import Teacher, TeacherError, check_output_is_not_a_member, distillation_loss, load_teacher
 from peft_mtl.training.train import train
 
 from .test_train import tiny_config
@@ -61,7 +61,7 @@ def _train_with_teacher(tiny_backbone, small_data, out, monkeypatch, alpha):
 
     monkeypatch.setattr(train_module, "load_teacher", fake_load_teacher)
     record = out.parent / "teacher.ensemble.json"
-    record.write_text("{}")  # only has to exist: load_teacher is replaced
+    record.write_text('{"members": [], "tasks": {}}')  # only has to parse: load_teacher is replaced
     cfg = tiny_config(tiny_backbone, small_data, out, mode="full", lr=1e-3, epochs=1, steps_per_epoch=60,
                       teacher=str(record), distill_weight=alpha, distill_temperature=1.0, head_dropout=0.0,
                       backbone_dropout=0.0)
@@ -175,3 +175,16 @@ def test_unusable_teachers_fail_with_one_message_naming_the_file(two_sets, small
         tiny_config(tiny_backbone, small_data, tmp_path / "x", teacher="nowhere.json").validate()
     with pytest.raises(ConfigError, match="--distill-weight"):
         tiny_config(tiny_backbone, small_data, tmp_path / "x", distill_weight=1.5).validate()
+
+
+def test_a_student_may_not_overwrite_one_of_its_teachers_sets(two_sets, small_data, tiny_backbone, tmp_path):
+    record = _pair_record(two_sets, tmp_path, sst=(0.75, 0.25), sts=(0.0, 1.0))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (two_sets / "b").iterdir())
+    cfg = tiny_config(tiny_backbone, small_data, two_sets / "b", teacher=str(record), overwrite=True)
+    with pytest.raises(TeacherError, match=f"its member {two_sets / 'b'} is this run's --out"):
+        train(cfg, progress=False)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (two_sets / "b").iterdir()) == before
+    # Any folder that is not one of the (kept) members may be the output; a set folder teaches as itself.
+    check_output_is_not_a_member(record, two_sets / "c", top=1)
+    with pytest.raises(TeacherError):
+        check_output_is_not_a_member(two_sets / "a", two_sets / "a")

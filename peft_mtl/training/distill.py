@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..data.loading import LoadedSplit
 from ..data.tasks import TaskSpec
 
-__all__ = ["Teacher", "TeacherError", "teacher_members", "load_teacher", "distillation_loss", "default_cache_dir"]
+__all__ = ["Teacher", "TeacherError", "teacher_members", "check_output_is_not_a_member", "load_teacher", "distillation_loss", "default_cache_dir"]
 
 
 class TeacherError(ValueError):
@@ -121,6 +121,20 @@ def _resolve_member(folder: str, record: Path) -> Path:
             return candidate
     raise TeacherError(f"{record}: member {folder} not found (looked in the working directory and beside the "
                        f"record); run from the folder the record was written in, or rebuild the record")
+
+
+def check_output_is_not_a_member(source: str | Path, out: str | Path, top: int = 0) -> None:
+    """Refuse an ``--out`` that is one of the teacher's sets: the run would replace a member
+    the ensemble record was selected and scored with (and a retrained default set would then
+    teach its successor something the record never measured)."""
+    weighted, _ = teacher_members(source, top)
+    folders = [Path(source)] if weighted is None else [f for members in weighted.values() for f, _ in members]
+    target = Path(out).resolve()
+    for folder in folders:
+        if folder.resolve() == target:
+            raise TeacherError(f"{source}: its member {folder} is this run's --out; training would replace a "
+                               f"teacher's set. Write the student elsewhere (another --out), or move that member "
+                               f"and rebuild the record")
 
 
 def load_teacher(source: str | Path, raw_splits: dict[str, LoadedSplit], student_specs: dict[str, TaskSpec],

@@ -34,7 +34,7 @@ from .. import device
 from ..model.backbone import (backbone_identity, count_parameters, load_encoder, load_quantized_encoder, load_tokenizer,
                               resolve_backbone, set_dropout)
 from .config import TrainConfig
-from .distill import load_teacher
+from .distill import check_output_is_not_a_member, load_teacher
 from ..data.loading import BatchStream, EncodedSplit, LoadedSplit, default_data_dir, encode_split, load_split, task_file
 from .distributed import Dist, setup as setup_distributed
 from ..inference.evaluate import evaluate_sharded
@@ -189,6 +189,8 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     _QUIET["on"] = not dist.is_main
     if dist.is_main:
         check_output_folder(out, cfg.overwrite, resume)
+        if cfg.teacher:
+            check_output_is_not_a_member(cfg.teacher, out, cfg.teacher_members)
     dist.barrier()
     started = time.time()
     configure_threads()
