@@ -173,6 +173,7 @@ def test_unusable_teachers_fail_with_one_message_naming_the_file(two_sets, small
         load_teacher(two_sets / "a", qqp_only, {"qqp": get_task("qqp")})
     with pytest.raises(ConfigError, match="--teacher: nowhere.json: no such file"):
         tiny_config(tiny_backbone, small_data, tmp_path / "x", teacher="nowhere.json").validate()
+    tiny_config(tiny_backbone, small_data, tmp_path / "x", teacher="").validate()  # --teacher "": off
     with pytest.raises(ConfigError, match="--distill-weight"):
         tiny_config(tiny_backbone, small_data, tmp_path / "x", distill_weight=1.5).validate()
 

@@ -210,7 +210,7 @@ class TrainConfig:
         if self.keep_best == "per-task" and self.mode == "full":
             fail("keep_best", "per-task needs --mode lora or heads (a full fine-tune would save one encoder per "
                               "epoch kept)")
-        if self.teacher is not None and not os.path.exists(self.teacher):
+        if self.teacher and not os.path.exists(self.teacher):  # "" turns a default teacher off
             fail("teacher", f"{self.teacher}: no such file or folder; give an ensemble record (NAME.ensemble.json "
                             f"from `peft-mtl ensemble --record`) or an adapter-set folder")
         if self.teacher_members < 0:
