@@ -350,18 +350,47 @@ def markdown(rows: list[Row], commands: str | None) -> str:
     return "\n".join(lines)
 
 
+# Offsets (points) tried in turn for a label, beside its marker first, then above or below it, then
+# further out; (dx, dy, horizontal alignment).
+_LABEL_SPOTS = [(6, 1, "left"), (-6, 1, "right"), (6, -9, "left"), (-6, -9, "right"), (0, 7, "center"),
+                (0, -15, "center"), (6, 11, "left"), (-6, 11, "right"), (6, -19, "left"), (-6, -19, "right"),
+                (0, 17, "center"), (0, -25, "center")]
+MARKER_SIZE = 70  # scatter size (points^2) of every run's marker
+
+
+def _marker_boxes(fig, ax) -> list:
+    """Display-space boxes of every marker drawn in ``ax`` (labels must not cover them)."""
+    from matplotlib.transforms import Bbox
+
+    half = (MARKER_SIZE ** 0.5) / 2 * fig.dpi / 72
+    boxes = []
+    for collection in ax.collections:
+        offsets = collection.get_offsets()
+        if len(offsets) == 0 or not hasattr(collection, "get_sizes") or not len(collection.get_sizes()):
+            continue  # error bars and lines are not markers
+        for x, y in ax.transData.transform(offsets):
+            boxes.append(Bbox.from_extents(x - half, y - half, x + half, y + half))
+    return boxes
+
+
 def _label_without_overlaps(fig, ax, points: list) -> None:
-    """Name the given points, moving a label up or down until it overlaps no earlier one
-    (a label that fits nowhere is left out: the table names every run)."""
+    """Name the given points (in order of importance), each at the first of a few spots around its
+    marker where it overlaps no earlier label, marker or legend and stays inside the axes (a label that
+    fits nowhere is left out: the table names every run)."""
     renderer = fig.canvas.get_renderer()
-    placed = []
+    frame = ax.get_window_extent(renderer)
+    obstacles = _marker_boxes(fig, ax)
+    if ax.get_legend() is not None:
+        obstacles.append(ax.get_legend().get_window_extent(renderer))
     for r, v in points:
         name = Path(r.name).name.replace(".ensemble.json", "")
-        for dy in (3, -11, 13, -21, 23):
-            text = ax.annotate(name, (max(r.trainable, 1), v), fontsize=7, xytext=(4, dy), textcoords="offset points")
+        for dx, dy, align in _LABEL_SPOTS:
+            text = ax.annotate(name, (max(r.trainable, 1), v), fontsize=7, xytext=(dx, dy), textcoords="offset points",
+                               ha=align)
             box = text.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
-                placed.append(box)
+            inside = (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1)
+            if inside and not any(box.overlaps(other) for other in obstacles):
+                obstacles.append(box)
                 break
             text.remove()
 
@@ -401,7 +430,7 @@ def figure(rows: list[Row]):
         for mode, marker in markers.items():
             sel = [(r, v) for r, v in pts if r.mode == mode]
             if sel:
-                ax.scatter([max(r.trainable, 1) for r, _ in sel], [v for _, v in sel], marker=marker, s=70,
+                ax.scatter([max(r.trainable, 1) for r, _ in sel], [v for _, v in sel], marker=marker, s=MARKER_SIZE,
                            label=mode, alpha=0.85, color=colors[mode])
                 spread = [(r, v) for r, v in sel if r.sd.get(key) is not None]
                 if spread:  # seed groups: ± 1 sd

@@ -71,24 +71,38 @@ def test_a_greedy_ensemble_is_reported_with_its_cross_fitted_scores(tmp_path):
     assert "0.7800" in row.detail, "the in-sample figure is shown beside it, never instead of it"
 
 
-def test_plot_labels_never_overlap_even_for_crowded_points():
+def test_plot_labels_never_overlap_each_other_a_marker_or_the_legend_and_stay_inside_the_axes():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from peft_mtl.report import Row, _label_without_overlaps
+    from peft_mtl.report import MARKER_SIZE, Row, _label_without_overlaps, _marker_boxes
 
     fig, ax = plt.subplots()
     ax.set_xscale("log")
     crowd = [(Row(name=f"run_{i}", mode="lora", backbone="b", trainable=1000 + i, total=10, bytes_on_disk=1, metrics={},
                   overall=0.5, train_seconds=1.0, detail=""), 0.5 + 1e-4 * i) for i in range(8)]
-    ax.scatter([r.trainable for r, _ in crowd], [v for _, v in crowd])
-    _label_without_overlaps(fig, ax, crowd)
+    # a second cluster of markers right beside the crowd, and one run at the right edge of the axes
+    others = [(1000 * 1.02 ** k, 0.5 + 2e-4 * (k % 3)) for k in range(1, 6)]
+    edge = (Row(name="a_long_name_at_the_edge", mode="lora", backbone="b", trainable=10_000, total=10,
+                bytes_on_disk=1, metrics={}, overall=0.5, train_seconds=1.0, detail=""), 0.5)
+    ax.scatter([r.trainable for r, _ in crowd] + [x for x, _ in others] + [10_000],
+               [v for _, v in crowd] + [y for _, y in others] + [0.5], s=MARKER_SIZE, label="runs")
+    ax.set_xlim(900, 10_000 * 1.05)
+    ax.set_ylim(0.45, 0.55)
+    ax.legend(loc="upper left")
+    _label_without_overlaps(fig, ax, [edge, *crowd])
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
-    assert 1 <= len(boxes) < len(crowd), "the ones that fit nowhere are left to the table"
+    assert 2 <= len(boxes) < len(crowd) + 1, "the ones that fit nowhere are left to the table"
+    assert "a_long_name_at_the_edge" in {t.get_text() for t in ax.texts}, "a label moves left rather than out"
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    obstacles = _marker_boxes(fig, ax) + [ax.get_legend().get_window_extent(renderer)]
+    assert len(obstacles) == len(crowd) + len(others) + 2
+    assert not any(box.overlaps(o) for box in boxes for o in obstacles)
+    frame = ax.get_window_extent(renderer)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
     plt.close(fig)
 
 
