@@ -1,4 +1,4 @@
-"""The ``peft-mtl`` command line: train, sweep, eval, predict, ensemble, report, serve, export, bench.
+"""The ``peft-mtl`` command line: train, sweep, eval, predict, ensemble, compress, report, serve, export, bench.
 
 Machine-readable results go to stdout (one JSON object or line); progress bars, per-epoch
 summaries and data reports go to stderr. Errors a user can fix print one line and exit 2.
@@ -71,24 +71,56 @@ def _load_eval_splits(tasks: list[str], data_dir: str | None, split: str, strict
     return encoded
 
 
-def cmd_eval(args, argv) -> int:
+def _evaluate_folder(folder: str, args, progress: bool) -> dict:
+    """Every task of the set in ``folder`` scored on ``args.split``, plus the overall score."""
     from .inference.evaluate import predictions_from_outputs, score
     from .inference.base_model import load_adapters
     from .inference.metrics import overall_score
 
-    base = load_adapters(args.folder, backbone=args.backbone, precision=args.precision, device=args.device,
+    base = load_adapters(folder, backbone=args.backbone, precision=args.precision, device=args.device,
                          int8=args.int8)
     name = base.active
     tasks = base.sets[name].tasks
     splits = _load_eval_splits(tasks, args.data_dir, args.split, args.strict, base, name)
     result: dict = {}
     for t, enc in splits.items():
-        outputs = base.outputs(t, enc, name, progress=not args.no_progress)
+        outputs = base.outputs(t, enc, name, progress=progress)
         result[t] = score(enc, predictions_from_outputs(enc.task, outputs))
     overall = overall_score(result, {t: base.spec(t, name).primary_metric for t in result})
     if overall is not None:
         result["overall"] = overall
-    print(json.dumps(result))
+    return result
+
+
+def cmd_eval(args, argv) -> int:
+    print(json.dumps(_evaluate_folder(args.folder, args, progress=not args.no_progress)))
+    return 0
+
+
+def cmd_compress(args, argv) -> int:
+    import shlex
+
+    from .artifacts import write_json_atomic
+    from .model.compress import compress_set
+    from .runs import MANIFEST
+
+    result = compress_set(args.folder, args.out, args.rank, args.task_rank, overwrite=args.overwrite)
+    manifest_path = Path(args.out) / MANIFEST
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["compressed_from"]["command"] = "peft-mtl " + shlex.join(argv)
+    if not args.no_eval:
+        args.int8 = False
+        scores = _evaluate_folder(args.out, args, progress=not args.no_progress)
+        overall = scores.pop("overall", None)
+        manifest["metrics"] = {args.split: scores, "overall": overall}
+    write_json_atomic(manifest_path, manifest)
+    before = (manifest["compressed_from"].get("metrics") or {}).get("overall")
+    after = manifest["metrics"].get("overall")
+    print(json.dumps({"out": str(result.out), "ranks": result.ranks,
+                      "energy_kept": {k: round(v, 4) for k, v in result.energy_kept.items()},
+                      "trainable_parameters": result.trainable,
+                      "percent_trainable": round(100 * result.trainable / result.total, 2),
+                      "overall_before": before, "overall_after": after}))
     return 0
 
 
@@ -443,6 +475,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compress", help="cut every LoRA adapter of a set to its best low-rank fit (truncated SVD); "
+                                        "writes a new set and scores it on dev",
+                       description="Each adapter's update scale·BA is replaced by its truncated SVD at the given rank "
+                                   "(the closest update of that rank). Shared adapters get --rank, task-private ones "
+                                   "--task-rank (default: --rank). The new set is scored on --split (dev) and the "
+                                   "score written into its manifest; `peft-mtl train --init-from OUT` fine-tunes it.")
+    p.add_argument("folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--rank", type=int, required=True, help="rank of every adapter (of the shared ones with --task-rank)")
+    p.add_argument("--task-rank", type=int, default=None, help="rank of the adapters only one task uses")
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--strict", action="store_true")
+    p.add_argument("--no-eval", action="store_true", help="write the set without scoring it")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("report", help="table + plot of trainable parameters vs score over saved runs")
     p.add_argument("runs", nargs="*", help="folders to scan for runs and *.ensemble.json records (default: adapters reports)")

@@ -120,6 +120,10 @@ class TrainConfig:
     simcse_max_sentences: int = option(20000, help="SimCSE: at most this many training sentences")
     extra_train: dict[str, str] = option(factory=dict, metavar="TASK=FILE",
                                          help="extra training rows for TASK, repeatable (not counted in the sampler's N_i)")
+    init_from: str | None = option(None, metavar="SET",
+                                   help="start from this saved set's adapters and heads instead of fresh ones (same "
+                                        "adapters, ranks and target modules; e.g. a set cut down by `peft-mtl "
+                                        "compress`)")
     teacher: str | None = option(None, metavar="RECORD",
                                  help="knowledge distillation: also learn this teacher's outputs on the training rows "
                                       "- an ensemble record (NAME.ensemble.json from `peft-mtl ensemble --record`, "
@@ -210,6 +214,11 @@ class TrainConfig:
         if self.keep_best == "per-task" and self.mode == "full":
             fail("keep_best", "per-task needs --mode lora or heads (a full fine-tune would save one encoder per "
                               "epoch kept)")
+        if self.init_from and not os.path.isdir(self.init_from):
+            fail("init_from", f"{self.init_from}: no such folder; give an adapter-set folder written by "
+                              f"`peft-mtl train` or `peft-mtl compress`")
+        if self.init_from and self.mode == "full":
+            fail("init_from", "needs --mode lora or heads (a full fine-tune starts from its --backbone)")
         if self.teacher and not os.path.exists(self.teacher):  # "" turns a default teacher off
             fail("teacher", f"{self.teacher}: no such file or folder; give an ensemble record (NAME.ensemble.json "
                             f"from `peft-mtl ensemble --record`) or an adapter-set folder")

@@ -35,6 +35,7 @@ from ..model.backbone import (backbone_identity, count_parameters, load_encoder,
                               resolve_backbone, set_dropout)
 from .config import TrainConfig
 from .distill import check_output_is_not_a_member, load_teacher
+from .warm_start import load_initial_weights
 from ..data.loading import BatchStream, EncodedSplit, LoadedSplit, default_data_dir, encode_split, load_split, task_file
 from .distributed import Dist, setup as setup_distributed
 from ..inference.evaluate import evaluate_sharded
@@ -218,6 +219,9 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     pad_id = tokenizer.pad_token_id or 0
 
     model = build_model(cfg, encoder, encoder.config.hidden_size)
+    if cfg.init_from and saved is None:
+        load_initial_weights(model, cfg.init_from, list(cfg.task_names), cfg.mode, identity)
+        log(f"init: adapters and heads from {cfg.init_from}")
     # bitsandbytes placed a quantized encoder itself; everything else goes to the device here.
     (model.heads if cfg.quantize else model).to(where)
     model.train()
