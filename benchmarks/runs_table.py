@@ -21,7 +21,7 @@ def flags(config: dict) -> str:
     for key in ("tasks", "mode", "epochs", "steps_per_epoch", "sampling", "pooling", "lr", "lora.rank", "lora.alpha",
                 "lora.targets", "lora.dropout", "smart.weight", "smart.steps", "smart.bregman_mu", "shared_adapter", "task_losses",
                 "backbone_dropout", "quantize", "precision", "max_eval_examples", "max_train_examples", "keep_best",
-                "teacher", "teacher_members", "distill_weight", "distill_temperature", "seed"):
+                "init_from", "teacher", "teacher_members", "distill_weight", "distill_temperature", "seed"):
         parts = key.split(".")
         if parts[0] not in config:
             continue  # a run older than the setting: it ran with what is now the default

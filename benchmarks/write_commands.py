@@ -20,6 +20,9 @@ for manifest in sorted(Path("adapters").rglob("peft_mtl.json")) + sorted(Path("r
     m = json.loads(manifest.read_text())
     made_by = (" — trained by `benchmarks/quantization.py` (reports/quantization.md); the equivalent command"
                if "quantized" in manifest.parent.parts else "")
+    if m.get("compressed_from"):  # not trained: cut from another set by `peft-mtl compress`
+        lines.append(f"- `{manifest.parent}` (manifest of the set it wrote): `{m['compressed_from']['command']}`")
+        continue
     lines.append(f"- `{manifest.parent}`{made_by}: `peft-mtl train --out {manifest.parent} {flags(m['config'])}`")
 listed: set[Path] = set()  # a recipe several sweep files share (their baseline) is listed once
 for sweep in sweeps:

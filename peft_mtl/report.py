@@ -60,6 +60,11 @@ def folder_bytes(folder: Path) -> int:
 def _detail(manifest: dict) -> str:
     cfg = manifest.get("config", {})
     mode = manifest.get("mode")
+    source = manifest.get("compressed_from")
+    if source:  # no training of its own: say what it was cut from, not how that set was trained
+        ranks = source.get("ranks") or {}
+        cut = "/".join(f"{a} {r}" for a, r in ranks.items()) if len(set(ranks.values())) > 1 else f"r={source.get('rank')}"
+        return f"{Path(source.get('folder', '?')).name} cut to {cut} by truncated SVD (peft-mtl compress), no training"
     parts = []
     if mode == "lora":
         lora = cfg.get("lora", {})
@@ -88,6 +93,8 @@ def _detail(manifest: dict) -> str:
         top = f", its {cfg['teacher_members']} heaviest members per task" if cfg.get("teacher_members") else ""
         parts.append(f"distilled from {Path(cfg['teacher']).name}{top} (α {cfg.get('distill_weight'):g}, "
                      f"T {cfg.get('distill_temperature'):g})")
+    if cfg.get("init_from"):
+        parts.append(f"started from {Path(cfg['init_from']).name}")
     if cfg.get("lr") is not None:
         parts.append(f"lr {cfg['lr']:g}")
     steps = cfg.get("steps_per_epoch")

@@ -134,7 +134,9 @@ def compress_set(src: str | Path, out: str | Path, rank: int, task_rank: int | N
         new_manifest["compressed_from"] = {"folder": str(src), "rank": rank, "task_rank": task_rank,
                                            "ranks": ranks, "energy_kept": {k: round(v, 4) for k, v in energy.items()},
                                            "metrics": manifest.get("metrics")}
+        new_manifest["compressed_from"]["train_seconds"] = manifest.get("train_seconds")
         new_manifest["metrics"] = {}
+        new_manifest["train_seconds"] = new_manifest["total_seconds"] = None  # not trained itself
         new_manifest["history"] = []
         new_manifest["bytes_on_disk"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         (tmp / MANIFEST).write_text(json.dumps(new_manifest, indent=2), encoding="utf-8")
