@@ -93,7 +93,8 @@ def main() -> None:
     out = {"pipeline": f"HF Trainer + {'PEFT LoRA r=8 query,value' if args.mode == 'lora' else 'full fine-tune'}, "
                        f"[CLS] head, fp32", "task": task.name, "epochs": args.epochs, "lr": lr,
            "dev": {metric: result[f"eval_{metric}"]},
-           "train_examples": len(train_ds), "train_seconds": round(train_seconds, 1),
+           "train_examples": len(train_ds), "batch_size": args.batch_size, "train_steps": trainer.state.global_step,
+           "train_seconds": round(train_seconds, 1),
            "train_examples_per_second": round(len(train_ds) * args.epochs / train_seconds, 1),
            "eval_seconds": round(eval_seconds, 1), "trainable_parameters": trainable,
            "total_parameters": total, "backbone": backbone_name, "device": device_name(), "torch_threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv)}

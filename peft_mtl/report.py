@@ -12,6 +12,7 @@ those files: rows sorted by name, no timestamps, fixed plot metadata.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
@@ -22,7 +23,9 @@ from .artifacts import write_json_atomic
 from .runs import MANIFEST
 
 TASK_METRICS = {"sst": "accuracy", "qqp": "accuracy", "sts": "pearson"}
+DEFAULT_BATCH = 32  # the table's train steps are of this batch unless a row's details say otherwise
 ZOOM_POINTS = 3.0  # the zoomed overall panel shows runs within this many points (x 0.01) of the best
+BUDGET_POINTS = 4.0  # the score-vs-budget panel shows trained runs within this many points of the best
 
 
 def _benchmark_overall(metrics: dict) -> float | None:
@@ -47,6 +50,9 @@ class Row:
     sd: dict[str, float] = field(default_factory=dict)  # sample sd over seeds, by task and "overall"
     reference: bool = False  # another pipeline's result (the plain HF baseline): shown, never on the front
     identity: str | None = None  # same value = the same training run (a copy of it elsewhere)
+    train_steps: int | None = None  # optimiser steps taken (all epochs run, not just the kept one): the budget
+    parts: list[str] = field(default_factory=list)  # a combined row: the recipes whose runs it adds up
+    grouped: bool = False  # a recipe's seed group (written by `peft-mtl sweep`), even of one seed
 
     @property
     def percent(self) -> float:
@@ -99,12 +105,30 @@ def _detail(manifest: dict) -> str:
         parts.append(f"lr {cfg['lr']:g}")
     steps = cfg.get("steps_per_epoch")
     parts.append(f"{cfg.get('epochs')} ep" + (f" × {steps} steps" if steps else ""))
+    if cfg.get("batch_size") not in (None, DEFAULT_BATCH):
+        parts.append(f"batch {cfg['batch_size']}")
     if cfg.get("keep_best") == "per-task":
         parts.append("each task from its best epoch")
     if cfg.get("max_eval_examples"):
         # Not comparable with full-dev rows: say so where the number is printed.
         parts.append(f"dev = first {cfg['max_eval_examples']} rows only")
     return ", ".join(p for p in parts if p)
+
+
+def train_steps(manifest: dict) -> int | None:
+    """Optimiser steps a run took: the epochs it ran (early stopping included) × its steps per epoch.
+
+    Scores are only comparable at one budget, and "4 epochs" is 3,852 steps for a multi-task run but
+    1,068 for SST alone; this is the number the table prints. None for a set that was not trained
+    (cut from another by ``peft-mtl compress``) or a manifest without its config.
+    """
+    cfg = manifest.get("config") or {}
+    if manifest.get("compressed_from") or not cfg.get("batch_size"):
+        return None
+    epochs_run = len(manifest.get("history") or []) or cfg.get("epochs") or 0
+    per_epoch = cfg.get("steps_per_epoch") or math.ceil(sum((manifest.get("train_examples") or {}).values())
+                                                         / cfg["batch_size"])
+    return epochs_run * per_epoch or None
 
 
 def run_row(folder: Path, root: Path) -> Row:
@@ -119,7 +143,7 @@ def run_row(folder: Path, root: Path) -> Row:
                total=int(params.get("total", 0)), bytes_on_disk=size, metrics=metrics,
                overall=_benchmark_overall(manifest.get("metrics", {})), train_seconds=manifest.get("train_seconds"),
                detail=_detail(manifest), partial_dev=bool(manifest.get("config", {}).get("max_eval_examples")),
-               identity=_run_identity(manifest))
+               identity=_run_identity(manifest), train_steps=train_steps(manifest))
 
 
 def _run_identity(manifest: dict) -> str:
@@ -182,12 +206,19 @@ def reference_row(path: Path, root: Path) -> Row:
     rec = json.loads(path.read_text())
     task = rec["task"]
     metric = TASK_METRICS.get(task)
+    steps = rec.get("train_steps")
+    if steps is None and rec.get("train_examples") and rec.get("epochs"):
+        # Records from before the script wrote its steps: the Trainer's ceil(N / batch) per epoch, at the
+        # script's batch size (32 unless the recorded command set another).
+        batch = rec.get("batch_size") or (None if "--batch-size" in rec.get("command", "") else DEFAULT_BATCH)
+        steps = math.ceil(math.ceil(rec["train_examples"] / batch) * rec["epochs"]) if batch else None
     value = rec.get("dev", {}).get(metric)
     return Row(name=os.path.relpath(path, root), mode=f"HF {rec.get('mode', 'lora')}", backbone=rec.get("backbone", "all-MiniLM-L6-v2"),
                trainable=int(rec.get("trainable_parameters", 0)), total=int(rec.get("total_parameters", 0)),
                bytes_on_disk=int(rec.get("bytes_on_disk", 0)), metrics={task: value} if value is not None else {},
                overall=None, train_seconds=rec.get("train_seconds"),
-               detail=f"reference: {rec.get('pipeline', 'HF Trainer')}, {task}, {rec.get('epochs')} ep", reference=True)
+               detail=f"reference: {rec.get('pipeline', 'HF Trainer')}, {task}, {rec.get('epochs')} ep", reference=True,
+               train_steps=steps)
 
 
 def combined_reference_rows(rows: list[Row]) -> list[Row]:
@@ -204,11 +235,13 @@ def combined_reference_rows(rows: list[Row]) -> list[Row]:
         metrics = {t: per_task[t].metrics[t] for t in TASK_METRICS}
         overall = (metrics["sst"] + metrics["qqp"] + (metrics["sts"] + 1) / 2) / 3
         times = [r.train_seconds for r in refs]
+        steps = [r.train_steps for r in refs]
         out.append(Row(name=os.path.join(folder, "hf_baseline (sst + qqp + sts)"), mode=mode,
                        backbone=refs[0].backbone, trainable=sum(r.trainable for r in refs),
                        total=sum(r.total for r in refs) if all(r.total for r in refs) else 0, bytes_on_disk=0, metrics=metrics, overall=overall,
                        train_seconds=sum(times) if None not in times else None,
-                       detail="reference: its three hf_baseline_* rows (each task alone) scored together", reference=True))
+                       detail="reference: its three hf_baseline_* rows (each task alone) scored together", reference=True,
+                       train_steps=sum(steps) if None not in steps else None))
     return out
 
 
@@ -233,7 +266,8 @@ def combined_rows(summary_path: Path, root: Path) -> list[Row]:
                         bytes_on_disk=int(rec["bytes_on_disk"]), metrics=metrics, overall=overall,
                         train_seconds=rec["train_minutes"] * 60,
                         detail=f"each task alone: {' + '.join(rec['parts'])}, {n} seed{'s' if n > 1 else ''}",
-                        seeds=n, sd=sd))
+                        seeds=n, sd=sd, parts=[os.path.join(os.path.relpath(summary_path.parent, root), p)
+                                               for p in rec["parts"]]))
     return rows
 
 
@@ -264,6 +298,7 @@ def group_seeds(rows: list[Row]) -> list[Row]:
             if len(members) > 1:
                 sd["overall"] = statistics.stdev(m.overall for m in members)
         times = [m.train_seconds for m in members if m.train_seconds is not None]
+        steps = [m.train_steps for m in members if m.train_steps is not None]
         out.append(Row(name=parent, mode=first.mode, backbone=first.backbone,
                        trainable=round(statistics.fmean(m.trainable for m in members)),
                        total=round(statistics.fmean(m.total for m in members)),
@@ -271,8 +306,18 @@ def group_seeds(rows: list[Row]) -> list[Row]:
                        overall=overall,
                        train_seconds=statistics.fmean(times) if times else None,
                        detail=f"{first.detail}, {len(members)} seed{'s' if len(members) > 1 else ''}",
-                       partial_dev=first.partial_dev, seeds=len(members), sd=sd))
+                       partial_dev=first.partial_dev, seeds=len(members), sd=sd, grouped=True,
+                       train_steps=round(statistics.fmean(steps)) if len(steps) == len(members) else None))
     return out
+
+
+def add_up_parts(rows: list[Row]) -> list[Row]:
+    """A combined row's train steps: the sum of its parts' (each task's run alone), when all are listed."""
+    steps = {r.name: r.train_steps for r in rows}
+    for r in rows:
+        if r.parts and all(steps.get(p) is not None for p in r.parts):
+            r.train_steps = sum(steps[p] for p in r.parts)
+    return rows
 
 
 def collect(roots: list[Path], base: Path) -> list[Row]:
@@ -295,7 +340,7 @@ def collect(roots: list[Path], base: Path) -> list[Row]:
         for record in sorted(root.rglob("*.sweep.json")):
             rows += combined_rows(record, base)
     rows += combined_reference_rows(rows)
-    return sorted(group_seeds(drop_copies(rows)), key=lambda r: r.name)
+    return sorted(add_up_parts(group_seeds(drop_copies(rows))), key=lambda r: r.name)
 
 
 def pareto(points: list[tuple[int, float]]) -> set[int]:
@@ -331,10 +376,12 @@ def markdown(rows: list[Row], commands: str | None) -> str:
              "sample sd over those seeds (written by `peft-mtl sweep`; time and size are means); a row whose details "
              "say *each task alone* scores every task by the run that trained it alone (parameters, size and time "
              "add up). Rows of mode "
-             "*HF …* are the plain Hugging Face Trainer + PEFT pipeline on the same data, for reference.", "",
+             "*HF …* are the plain Hugging Face Trainer + PEFT pipeline on the same data, for reference. "
+             f"*Train steps* is the budget: optimiser steps of {DEFAULT_BATCH} examples (another batch size is in the "
+             "details) over all the epochs a run took; compare scores at equal steps.", "",
              "| run | mode | details | backbone | trainable params | % of total | on disk | SST acc | QQP acc | STS r | "
-             "overall | train time |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "overall | train steps | train time |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     comparable = [r for r in rows if not r.partial_dev and not r.reference]
     overall_pts = [(r.trainable, r.overall) for r in comparable if r.overall is not None]
     overall_front = pareto(overall_pts) if overall_pts else set()
@@ -349,8 +396,9 @@ def markdown(rows: list[Row], commands: str | None) -> str:
         percent = f"{r.percent:.2f}%" if r.total else "—"
         size = _human_bytes(r.bytes_on_disk) if r.bytes_on_disk else "—"
         scores = " | ".join(_fmt(r.metrics.get(t), sd=r.sd.get(t)) for t in TASK_METRICS)
+        steps = "—" if r.train_steps is None else f"{r.train_steps:,}"
         lines.append(f"| `{r.name}`{star} | {r.mode} | {r.detail} | {r.backbone} | {r.trainable:,} | {percent} | "
-                     f"{size} | {scores} | {_fmt(r.overall, sd=r.sd.get('overall'))} | {time_s} |")
+                     f"{size} | {scores} | {_fmt(r.overall, sd=r.sd.get('overall'))} | {steps} | {time_s} |")
     lines += ["", "![trainable parameters vs score](params_vs_score.png)", ""]
     if commands:
         lines += ["## Commands that produced these runs", "", commands.strip(), ""]
@@ -380,10 +428,10 @@ def _marker_boxes(fig, ax) -> list:
     return boxes
 
 
-def _label_without_overlaps(fig, ax, points: list) -> None:
+def _label_without_overlaps(fig, ax, points: list, x=lambda r: max(r.trainable, 1)) -> None:
     """Name the given points (in order of importance), each at the first of a few spots around its
     marker where it overlaps no earlier label, marker or legend and stays inside the axes (a label that
-    fits nowhere is left out: the table names every run)."""
+    fits nowhere is left out: the table names every run). ``x`` is the row's x coordinate."""
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     obstacles = _marker_boxes(fig, ax)
@@ -392,7 +440,7 @@ def _label_without_overlaps(fig, ax, points: list) -> None:
     for r, v in points:
         name = Path(r.name).name.replace(".ensemble.json", "")
         for dx, dy, align in _LABEL_SPOTS:
-            text = ax.annotate(name, (max(r.trainable, 1), v), fontsize=7, xytext=(dx, dy), textcoords="offset points",
+            text = ax.annotate(name, (x(r), v), fontsize=7, xytext=(dx, dy), textcoords="offset points",
                                ha=align)
             box = text.get_window_extent(renderer)
             inside = (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1)
@@ -414,7 +462,8 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def figure(rows: list[Row]):
-    """Five panels: overall (full range and zoomed on the best runs) and each task's metric."""
+    """Six panels: overall (full range and zoomed on the best runs) and each task's metric against
+    trainable parameters, and overall against the training budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -427,7 +476,6 @@ def figure(rows: list[Row]):
               ("overall", f"overall score, zoomed: within {ZOOM_POINTS} points of the best", overall, True)] + [
         (t, f"{t.upper()} {m}", (lambda t: lambda r: r.metrics.get(t))(t), False) for t, m in TASK_METRICS.items()]
     fig, axes = plt.subplots(2, 3, figsize=(18, 10))
-    axes.flat[-1].axis("off")
     labelled = []
     markers = {"lora": "o", "heads": "s", "full": "D", "ensemble": "*"}
     # One colour per mode in every panel (the default colour cycle shifts when a panel lacks a mode).
@@ -466,14 +514,58 @@ def figure(rows: list[Row]):
         ax.grid(True, which="both", alpha=0.3)
         if pts:
             ax.legend(fontsize=8, loc="upper left" if zoomed else "lower right")
-    fig.suptitle("peft_mtl: trainable parameters vs dev score (labels: the Pareto front, and in the zoomed panel "
-                 "the seed groups and ensembles too; every run is in report.md's table)", fontsize=10)
+    budget_names = _budget_panel(axes.flat[-1], rows, markers, colors)
+    fig.suptitle("peft_mtl: trainable parameters vs dev score (labels: the Pareto front, and in the zoomed and budget "
+                 "panels the seed groups and ensembles too; every run is in report.md's table)", fontsize=10)
     fig.tight_layout()
     # Labels go on after the layout: tight_layout moves the axes, and labels placed before it
     # could end up overlapping.
     for ax, names in labelled:
         _label_without_overlaps(fig, ax, names)
+    _label_without_overlaps(fig, axes.flat[-1], budget_names, x=lambda r: r.train_steps)
     return fig
+
+
+def _budget_panel(ax, rows: list[Row], markers: dict, colors: dict) -> list:
+    """Overall score against optimiser steps for the trained runs near the best: recipes compare
+    fairly only at one budget, and this shows which rows share one (ensembles have no budget of
+    their own and are left out). Returns the points to name: the seed groups and combined rows."""
+    pts = [(r, r.overall) for r in rows if r.overall is not None and r.train_steps and not r.partial_dev
+           and not r.reference and r.mode != "ensemble"]
+    title = f"overall vs training budget (trained runs within {BUDGET_POINTS:g} points of the best)"
+    ax.set_title(title)
+    if not pts:
+        ax.axis("off")
+        return []
+    low = max(v for _, v in pts) - BUDGET_POINTS / 100
+    pts = [(r, v) for r, v in pts if v >= low]
+    for mode, marker in markers.items():
+        sel = [(r, v) for r, v in pts if r.mode == mode]
+        if sel:
+            ax.scatter([r.train_steps for r, _ in sel], [v for _, v in sel], marker=marker, s=MARKER_SIZE,
+                       label=mode, alpha=0.85, color=colors[mode])
+            spread = [(r, v) for r, v in sel if r.sd.get("overall") is not None]
+            if spread:
+                ax.errorbar([r.train_steps for r, _ in spread], [v for _, v in spread],
+                            yerr=[r.sd["overall"] for r, _ in spread], fmt="none", ecolor=colors[mode], capsize=3,
+                            alpha=0.85)
+    steps = [r.train_steps for r, _ in pts]
+    ax.set_xscale("log")
+    ax.set_xlim(min(steps) / 1.6, max(steps) * 1.6)
+    # Ticks at the budgets the runs used (those 1.3x apart at least), in plain numbers: they are the
+    # values to compare at.
+    ticks: list[int] = []
+    for value in sorted(set(steps)):
+        if not ticks or value >= 1.3 * ticks[-1]:
+            ticks.append(value)
+    ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+    ax.set_xticks([], minor=True)
+    ax.set_ylim(low, max(v for _, v in pts) + 0.25 * BUDGET_POINTS / 100)
+    ax.set_xlabel("optimiser steps of the run (log scale)")
+    ax.set_ylabel("overall score")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return sorted(((r, v) for r, v in pts if r.grouped or r.parts), key=lambda p: -p[1])
 
 
 def write_report(roots: list[Path], out: Path, base: Path | None = None) -> list[Row]:

@@ -198,3 +198,79 @@ def test_a_rows_details_name_per_task_smart_and_the_distillation_teacher():
     detail = _detail(manifest)
     assert "SMART λ=0, sst=1 normalized" in detail
     assert "distilled from ensemble_bagged.ensemble.json (α 0.5, T 2)" in detail
+
+
+def test_the_table_gives_every_run_its_budget_in_the_optimiser_steps_it_took(tiny_backbone, small_data, tmp_path):
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from peft_mtl.report import collect, markdown
+
+    taken = []
+    hook = register_optimizer_step_post_hook(lambda *_: taken.append(1))
+    try:
+        runs = tmp_path / "runs"
+        steps = {}
+        for name, overrides in {"mt_fixed": dict(tasks=["sst", "qqp", "sts"], epochs=2, steps_per_epoch=3),
+                                "mt_pass": dict(tasks=["sst", "qqp", "sts"], epochs=1),
+                                "sst_alone": dict(tasks=["sst"], epochs=2)}.items():
+            before = len(taken)
+            train(tiny_config(tiny_backbone, small_data, runs / name, **overrides), progress=False)
+            steps[name] = len(taken) - before
+    finally:
+        hook.remove()
+    # Whole passes differ by run: ΣN / batch for the three tasks together, N_sst / batch for SST alone.
+    assert steps["mt_fixed"] == 6 and steps["mt_pass"] > steps["sst_alone"] / 2 > 0  # 1 pass of 3 tasks vs 2 of one
+    rows = {r.name: r for r in collect([runs], tmp_path)}
+    assert {n: rows[f"runs/{n}"].train_steps for n in steps} == steps
+    table = markdown(list(rows.values()), None)
+    assert "| train steps |" in table and f"| {steps['mt_pass']:,} |" in table
+
+
+def test_an_early_stopped_run_counts_only_its_epochs_and_a_combined_row_adds_its_parts_steps():
+    from peft_mtl.report import Row, add_up_parts, train_steps
+
+    manifest = {"config": {"batch_size": 32, "epochs": 4, "steps_per_epoch": None},
+                "train_examples": {"sst": 8544, "qqp": 16213, "sts": 6040}, "history": [{}, {}, {}, {}]}
+    assert train_steps(manifest) == 4 * 963
+    assert train_steps({**manifest, "history": [{}, {}]}) == 2 * 963  # stopped early after two epochs
+    assert train_steps({**manifest, "config": {**manifest["config"], "steps_per_epoch": 400}}) == 1600
+    assert train_steps({**manifest, "compressed_from": {"folder": "adapters/all"}}) is None  # not trained
+
+    def row(name, steps, parts=()):
+        return Row(name=name, mode="lora", backbone="b", trainable=1, total=10, bytes_on_disk=1, metrics={},
+                   overall=None, train_seconds=1.0, detail="", train_steps=steps, parts=list(parts))
+
+    combined = row("s/each_alone", None, ["s/a", "s/b"])
+    add_up_parts([row("s/a", 1068), row("s/b", 2028), combined])
+    assert combined.train_steps == 3096
+    lacking = row("s/each_alone2", None, ["s/a", "s/missing"])
+    add_up_parts([row("s/a", 1068), lacking])
+    assert lacking.train_steps is None  # a part not listed: no made-up sum
+
+
+def test_the_budget_panel_places_trained_runs_at_their_steps_and_names_the_seed_groups():
+    import matplotlib.pyplot as plt
+
+    from peft_mtl.report import Row, figure
+
+    def row(name, steps, overall, mode="lora", grouped=True):
+        return Row(name=name, mode=mode, backbone="b", trainable=2_000_000, total=10**8, bytes_on_disk=1,
+                   metrics={"sst": 0.5, "qqp": 0.8, "sts": 0.8}, overall=overall, train_seconds=1.0, detail="",
+                   seeds=3 if grouped else 1, sd={"overall": 0.002} if grouped else {}, train_steps=steps,
+                   grouped=grouped)
+
+    rows = [row("sweep/st_r16", 800, 0.744), row("sweep/full", 800, 0.738, mode="full"),
+            row("sweep/st_r16_4ep", 3852, 0.753), row("sweep/full_4ep", 3852, 0.750, mode="full"),
+            row("one_off", 3852, 0.751, grouped=False), row("sweep/heads", 800, 0.54, mode="heads"),
+            row("ens.ensemble.json", None, 0.77, mode="ensemble")]
+    fig = figure(rows)
+    budget = fig.axes[-1]
+    placed = sorted(tuple(xy) for c in budget.collections if hasattr(c, "get_sizes") and len(c.get_sizes())
+                    for xy in c.get_offsets())
+    assert placed == sorted([(800, 0.744), (800, 0.738), (3852, 0.753), (3852, 0.750), (3852, 0.751)])  # no heads
+    assert [t.get_text() for t in budget.get_xticklabels()] == ["800", "3,852"]
+    assert {t.get_text() for t in budget.texts} == {"st_r16", "full", "st_r16_4ep", "full_4ep"}
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in budget.texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
