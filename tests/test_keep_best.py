@@ -35,11 +35,11 @@ class ScriptedRuns:
         self.outputs[self.epoch] = {t: raw_outputs(model, s, 64, "fp32", False, pad_id) for t, s in splits.items()}
         return {"sst": {"accuracy": SCRIPT[self.epoch]["sst"]}, "sts": {"pearson": SCRIPT[self.epoch]["sts"]}}
 
-    def train(self, name: str, keep_best: str, resume: bool = False) -> dict:
+    def train(self, name: str, keep_best: str, resume: bool = False, mode: str = "lora") -> dict:
         if not resume:
             self.epoch = 0
         cfg = tiny_config(self.tiny_backbone, self.small_data, self.root / name, tasks=["sst", "sts"], epochs=3,
-                          steps_per_epoch=3, keep_best=keep_best, patience=5)
+                          steps_per_epoch=3, keep_best=keep_best, patience=5, mode=mode)
         return train(cfg, resume=resume, progress=False)
 
     def manifest(self, name: str) -> dict:
@@ -95,6 +95,18 @@ def test_each_task_is_saved_from_its_own_best_epoch(runs):
         assert entry["per_task_kept"]["overall"] == pytest.approx(manifest["metrics"]["overall"])
         assert entry["overall_kept"]["overall"] == pytest.approx(plain["metrics"]["overall"])
     assert record["gain"]["mean"] == pytest.approx(manifest["metrics"]["overall"] - plain["metrics"]["overall"])
+
+
+def test_a_heads_only_run_keeps_each_head_from_its_own_best_epoch(runs):
+    # Regression: a heads-only run (no adapters to route) crashed when saving with --keep-best per-task.
+    runs.train("heads", "per-task", mode="heads")
+    manifest = runs.manifest("heads")
+    assert manifest["mode"] == "heads" and manifest["metrics"]["task_best_epochs"] == {"sst": 1, "sts": 3}
+    assert not manifest.get("adapters") and not any(manifest.get("routing", {}).values())
+    saved = runs.saved_outputs("heads")
+    np.testing.assert_allclose(saved["sst"], runs.outputs[1]["sst"], atol=1e-5)
+    np.testing.assert_allclose(saved["sts"], runs.outputs[3]["sts"], atol=1e-5)
+    assert not np.allclose(runs.outputs[1]["sst"], runs.outputs[2]["sst"], atol=1e-3), "epochs must differ"
 
 
 class Interrupt(Exception):

@@ -81,7 +81,8 @@ def apply_task_bests(model: MultiTaskModel, progress: ckpt.Progress) -> int:
                     if _adapter_of(name, {adapter}) is not None:
                         params[_renamed(name, adapter, target)].copy_(tensor)
                 route.append(target)
-            model.routing[task] = route
+            if task in original_routing:  # heads-only runs route no task through adapters: leave them so
+                model.routing[task] = route
     def size(adapter: str) -> int:
         return sum(p.numel() for n, p in model.named_parameters() if _adapter_of(n, {adapter}) is not None)
 
