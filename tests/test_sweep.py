@@ -45,7 +45,7 @@ def test_a_sweep_trains_every_recipe_per_seed_and_reports_mean_and_sd(tiny_backb
         r8["scores"]["overall"]["mean"] - r2["scores"]["overall"]["mean"])
     table = (out / "s.sweep.md").read_text()
     assert "| `r2` |" in table and "baseline" in table and " ± " in table
-    assert summary["machines"] and all(m.endswith("1 thread(s) per run") for m in summary["machines"])
+    assert summary["machines"] and all(m.endswith("1 thread(s) per run, fp32") for m in summary["machines"])
 
     # Resumable: finished runs are never trained again.
     stamps = {k: (out / k[0] / f"seed{k[1]}" / MANIFEST).stat().st_mtime_ns for k in manifests}
@@ -81,6 +81,26 @@ def test_a_sweep_trains_every_recipe_per_seed_and_reports_mean_and_sd(tiny_backb
     assert row["seeds"] == 2 and row["overall"] == pytest.approx(statistics.fmean(overall))
     assert row["sd"]["overall"] == pytest.approx(statistics.stdev(overall))
     assert " ± " in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("ran_as, counts", [("fp32", True), ("bf16", False)])
+def test_a_run_under_auto_precision_counts_for_a_pinned_recipe_only_if_it_resolved_to_it(tmp_path, ran_as, counts):
+    """Seeds of one row trained on different CPU kinds must share a precision: `auto` is fp32 on an
+    AVX2 CPU and bf16 on one with native bf16, so a pinned recipe checks what `auto` became."""
+    from peft_mtl.cli import build_parser, config_from_args
+    from peft_mtl.training.sweep import Job, stale_runs
+
+    folder = tmp_path / "full" / "seed0"
+    folder.mkdir(parents=True)
+    trained = config_from_args(build_parser().parse_args(["train", "--tasks", "sst", "--out", str(folder)]))
+    assert trained.precision == "auto"
+    (folder / MANIFEST).write_text(json.dumps({"config": trained.to_dict(), "precision": ran_as}))
+    pinned = Job("full", 0, folder, ["train", "--tasks", "sst", "--precision", "fp32", "--out", str(folder)])
+    assert (stale_runs([pinned]) == []) is counts
+    if not counts:
+        assert "precision: trained 'bf16', recipe asks 'fp32'" in stale_runs([pinned])[0]
+    unpinned = Job("full", 0, folder, ["train", "--tasks", "sst", "--out", str(folder)])
+    assert stale_runs([unpinned]) == [], "a recipe left at auto accepts what auto made of it"
 
 
 def test_a_misspelt_recipe_fails_before_anything_trains(tiny_backbone, small_data, tmp_path, capsys):

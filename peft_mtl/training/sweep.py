@@ -198,8 +198,13 @@ def stale_runs(jobs: list[Job]) -> list[str]:
     for job in jobs:
         if not job.done:
             continue
-        recorded = json.loads((job.folder / MANIFEST).read_text()).get("config") or {}
+        manifest = json.loads((job.folder / MANIFEST).read_text())
+        recorded = dict(manifest.get("config") or {})
         wanted = config_from_args(parser.parse_args(job.argv)).to_dict()
+        # `auto` is whatever the machine made of it: a run trained under `auto` on a CPU without
+        # native bf16 ran in fp32, and counts for a recipe that pins `--precision fp32`.
+        if recorded.get("precision") == "auto" and wanted.get("precision") not in (None, "auto"):
+            recorded["precision"] = manifest.get("precision", "auto")
         differ = sorted(k for k in set(recorded) & set(wanted) - _IGNORED_SETTINGS if recorded[k] != wanted[k])
         if differ:
             shown = ", ".join(f"{k}: trained {recorded[k]!r}, recipe asks {wanted[k]!r}" for k in differ[:3])
@@ -337,8 +342,9 @@ def summarize(spec: SweepSpec, out: Path) -> dict:
     runs = _manifests(spec, out)
     recipes = {name: _recipe_summary(name, flags, runs[name]) for name, flags in spec.recipes.items()}
     combined = {name: _combined_summary(parts, runs, spec.seeds, out) for name, parts in spec.combine.items()}
-    machines = sorted({f"{m['device']}, {m['threads']} thread(s) per run" for by_seed in runs.values()
-                       for m in by_seed.values() if "device" in m and "threads" in m})
+    machines = sorted({f"{m['device']}, {m['threads']} thread(s) per run"
+                       + (f", {m['precision']}" if m.get("precision") else "")
+                       for by_seed in runs.values() for m in by_seed.values() if "device" in m and "threads" in m})
     summary = {"sweep": spec.source, "base": shlex.join(spec.base), "seeds": spec.seeds, "baseline": spec.baseline,
                "machines": machines, "recipes": recipes}
     if combined:
