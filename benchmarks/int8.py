@@ -113,7 +113,8 @@ def _other_engines(fp32, int8, name, task, enc, batch, results) -> dict:
 
         _, names = int8.int8._session(int8, name, task)
         path, _ = int8.int8._graph(int8, name, task)
-        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                                                          "INFERENCE_PRECISION_HINT": "f32"})
         timed("openvino_same_int8_graph", lambda x: compiled({n: x[n].numpy().astype(np.int64) for n in names})[0])
     except ImportError:
         pass

@@ -52,6 +52,20 @@ def test_export_round_trips_every_task(trained, exported, tiny_backbone):
     assert record["tasks"]["sst"]["check"]["fp32_max_abs_diff"] < 1e-4
 
 
+def test_graphs_are_checked_against_fp32_whatever_precision_the_base_computes_in(trained, tiny_backbone, tmp_path):
+    # Regression: a base loaded with precision auto runs bf16 on a bf16-capable CPU, and every
+    # export (and --int8 graph) was refused there for differing from bf16 PyTorch by ~1e-3.
+    from peft_mtl.inference.export import export_task
+
+    base = load_base(str(tiny_backbone), precision="bf16")
+    name = base.load(trained)
+    inputs = base.encode("sst", ["a fine film", "a long and dull film with nothing in it"], name)
+    bf16_vs_fp32 = np.abs(base.outputs("sst", inputs, name) - base.outputs("sst", inputs, name, precision="fp32"))
+    assert bf16_vs_fp32.max() > 1e-4  # the base really answers differently in bf16
+    entry = export_task(base, name, "sst", tmp_path, "onnx")
+    assert entry["check"]["fp32_max_abs_diff"] < 1e-4
+
+
 def test_readme_snippet_runs_without_peft_mtl_torch_or_peft(exported):
     text = (REPO / "README.md").read_text(encoding="utf-8")
     (snippet,) = re.findall(r"<!-- export-snippet -->\s*```python\n(.*?)```", text, flags=re.S)

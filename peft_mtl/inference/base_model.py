@@ -225,17 +225,19 @@ class BaseModel:
         return encode_texts(self.spec(task, adapters), inputs, self.tokenizer, aset.max_length, aset.pair_encoding)
 
     def outputs(self, task: str, encoded: EncodedSplit, adapters: str | None = None, batch_size: int = 128,
-                progress: bool = False, engine: str | None = None) -> np.ndarray:
+                progress: bool = False, engine: str | None = None, precision: str | None = None) -> np.ndarray:
         """Raw head outputs (logits or scores) of one set on encoded inputs.
 
-        ``engine``: None (int8 when the base was loaded with ``int8=True``, else PyTorch) or "pytorch"."""
+        ``engine``: None (int8 when the base was loaded with ``int8=True``, else PyTorch) or "pytorch".
+        ``precision``: overrides the base's compute precision for this call (PyTorch engine only)."""
         aset = self._get(adapters)
+        precision = resolve_precision(precision) if precision else self.precision
         if self.int8 is not None and engine != "pytorch":
             self._key(aset, task)  # a clear error if the set has no such task
             return self.int8.outputs(self, aset.name, task, encoded, batch_size)
         if aset.model is not None:
-            return raw_outputs(aset.model, encoded, batch_size, self.precision, progress, self.pad_id, head=task)
-        return raw_outputs(self.model, encoded, batch_size, self.precision, progress, self.pad_id,
+            return raw_outputs(aset.model, encoded, batch_size, precision, progress, self.pad_id, head=task)
+        return raw_outputs(self.model, encoded, batch_size, precision, progress, self.pad_id,
                            head=self._key(aset, task))
 
     def predict(self, task: str, inputs: Sequence[str | Sequence[str]], adapters: str | None = None,
