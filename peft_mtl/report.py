@@ -526,6 +526,18 @@ def figure(rows: list[Row]):
     return fig
 
 
+def _budget_ticks(steps: list[int]) -> list[int]:
+    """One tick per cluster of budgets (values less than 1.3x apart), at the cluster's most common
+    value: the budget the runs there were planned with, not a run that stopped early just below it."""
+    clusters: list[list[int]] = []
+    for value in sorted(steps):
+        if clusters and value < 1.3 * clusters[-1][0]:
+            clusters[-1].append(value)
+        else:
+            clusters.append([value])
+    return [max(set(c), key=lambda v: (c.count(v), v)) for c in clusters]
+
+
 def _budget_panel(ax, rows: list[Row], markers: dict, colors: dict) -> list:
     """Overall score against optimiser steps for the trained runs near the best: recipes compare
     fairly only at one budget, and this shows which rows share one (ensembles have no budget of
@@ -552,12 +564,7 @@ def _budget_panel(ax, rows: list[Row], markers: dict, colors: dict) -> list:
     steps = [r.train_steps for r, _ in pts]
     ax.set_xscale("log")
     ax.set_xlim(min(steps) / 1.6, max(steps) * 1.6)
-    # Ticks at the budgets the runs used (those 1.3x apart at least), in plain numbers: they are the
-    # values to compare at.
-    ticks: list[int] = []
-    for value in sorted(set(steps)):
-        if not ticks or value >= 1.3 * ticks[-1]:
-            ticks.append(value)
+    ticks = _budget_ticks(steps)
     ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
     ax.set_xticks([], minor=True)
     ax.set_ylim(low, max(v for _, v in pts) + 0.25 * BUDGET_POINTS / 100)

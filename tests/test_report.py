@@ -262,12 +262,14 @@ def test_the_budget_panel_places_trained_runs_at_their_steps_and_names_the_seed_
     rows = [row("sweep/st_r16", 800, 0.744), row("sweep/full", 800, 0.738, mode="full"),
             row("sweep/st_r16_4ep", 3852, 0.753), row("sweep/full_4ep", 3852, 0.750, mode="full"),
             row("one_off", 3852, 0.751, grouped=False), row("sweep/heads", 800, 0.54, mode="heads"),
+            row("stopped_early", 3683, 0.752, grouped=False),  # must not take the 3,852 budget's tick
             row("ens.ensemble.json", None, 0.77, mode="ensemble")]
     fig = figure(rows)
     budget = fig.axes[-1]
     placed = sorted(tuple(xy) for c in budget.collections if hasattr(c, "get_sizes") and len(c.get_sizes())
                     for xy in c.get_offsets())
-    assert placed == sorted([(800, 0.744), (800, 0.738), (3852, 0.753), (3852, 0.750), (3852, 0.751)])  # no heads
+    assert placed == sorted([(800, 0.744), (800, 0.738), (3852, 0.753), (3852, 0.750), (3852, 0.751),
+                             (3683, 0.752)])  # no heads
     assert [t.get_text() for t in budget.get_xticklabels()] == ["800", "3,852"]
     assert {t.get_text() for t in budget.texts} == {"st_r16", "full", "st_r16_4ep", "full_4ep"}
     renderer = fig.canvas.get_renderer()
