@@ -32,7 +32,7 @@ case "$TASK" in
                  --teacher reports/ensemble_bagged.ensemble.json --teacher-members 6) ;;
   # The <= 3 % set (2.85 % of the model trainable): adapters/all cut to rank 4 by truncated SVD
   # (peft-mtl compress), then 2 epochs of the same distillation from there at lr 5e-4: 0.7641 ±
-  # 0.0019 on dev over 3 seeds (reports/multitask.md, "The ≤ 3 % set").
+  # 0.0019 on dev over 3 seeds (reports/multitask.md, "The ≤ 3 % set"; 4 epochs: 0.7632 ± 0.0031, no better).
   small) peft-mtl compress adapters/all --out runs/all_r4_svd --rank 4 --overwrite --no-progress
          DEFAULTS=(--tasks sst,qqp,sts --epochs 2 --sampling uniform --lora-rank 4 --lora-alpha 8 --lr 5e-4
                    --init-from runs/all_r4_svd --teacher reports/ensemble_bagged.ensemble.json --teacher-members 6)
