@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import resource
 import statistics
 import sys
@@ -25,13 +26,17 @@ import numpy as np
 import torch
 
 from .artifacts import write_json_atomic
+from .model import lora_runtime
 
 
 _T0 = time.perf_counter()
 
 
+logger = logging.getLogger(__name__)
+
+
 def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+    logger.info(f"[{time.perf_counter() - _T0:6.0f} s] {msg}")
 
 
 def median_time(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
@@ -312,7 +317,7 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
         model = build_model(cfg, load_encoder(path), 384)
         with torch.no_grad():
             for n, p in model.named_parameters():
-                if "lora_B" in n:
+                if lora_runtime.is_lora_b(n):
                     p.normal_(0, 0.01)
         from .model.backbone import backbone_identity
 

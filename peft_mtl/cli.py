@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import UserError
 from .training.config import ConfigError, TrainConfig
 from .options import add_config_arguments, apply_overrides, overrides_from_args
 
@@ -138,14 +139,14 @@ def cmd_predict(args, argv) -> int:
     if task.is_pair:
         for item in texts:
             if args.sep not in item:
-                raise ValueError(f"task {task.name!r} needs sentence pairs: write \"first{args.sep}second\" "
+                raise UserError(f"task {task.name!r} needs sentence pairs: write \"first{args.sep}second\" "
                                  f"(separator set by --sep) or pass --pairs-file")
             a, b = item.split(args.sep, 1)
             inputs.append((a.strip(), b.strip()))
     else:
         inputs.extend(texts)
     if not inputs:
-        raise ValueError("nothing to predict: give sentences as arguments or --pairs-file")
+        raise UserError("nothing to predict: give sentences as arguments or --pairs-file")
     for inp, pred in zip(inputs, base.predict(task.name, inputs)):
         print(json.dumps({"input": inp if isinstance(inp, str) else list(inp), **pred}))
     return 0
@@ -161,10 +162,10 @@ def cmd_ensemble(args, argv) -> int:
 
     folders = [Path(f) for f in args.folders]
     if len(folders) < 2:
-        raise ValueError("an ensemble needs at least two adapter-set folders")
+        raise UserError("an ensemble needs at least two adapter-set folders")
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     if weights is not None and args.select != "all":
-        raise ValueError(f"--weights conflicts with --select {args.select}: selection sets the weights per task")
+        raise UserError(f"--weights conflicts with --select {args.select}: selection sets the weights per task")
     backbone = args.backbone or read_manifest(folders[0]).get("backbone_source")
     base = load_base(backbone, precision=args.precision, device=args.device, int8=args.int8)
     names = [base.load(f, name=f"m{i}") for i, f in enumerate(folders)]
@@ -173,7 +174,7 @@ def cmd_ensemble(args, argv) -> int:
     # (one per task) combine into one multi-task ensemble, and members may differ per task.
     tasks = list(dict.fromkeys(t for n in names for t in base.sets[n].tasks))
     if weights is not None and len(weights) != len(names):
-        raise ValueError(f"--weights: {len(weights)} weights for {len(names)} members; give one per folder")
+        raise UserError(f"--weights: {len(weights)} weights for {len(names)} members; give one per folder")
     # Members tokenised differently (max length, cross vs bi encoding) each get their own encoding.
     layouts = {n: (base.sets[n].max_length, base.sets[n].pair_encoding) for n in names}
     encodings: dict = {}
@@ -296,7 +297,7 @@ def cmd_serve(args, argv) -> int:
         from .serving import ServeConfig
         from .serving.server import serve
     except ImportError as err:
-        raise ValueError(f"serving needs the serve extra ({err.name} is missing): pip install 'peft_mtl[serve]'") from None
+        raise UserError(f"serving needs the serve extra ({err.name} is missing): pip install 'peft_mtl[serve]'") from None
     token = None
     if args.admin_token_file:
         path = Path(args.admin_token_file)
@@ -304,7 +305,7 @@ def cmd_serve(args, argv) -> int:
             raise FileNotFoundError(f"{path}: admin token file not found")
         token = path.read_text(encoding="utf-8").strip()
         if len(token) < 16:
-            raise ValueError(f"{path}: the admin token is shorter than 16 characters; use a long random one "
+            raise UserError(f"{path}: the admin token is shorter than 16 characters; use a long random one "
                              f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     root = Path(args.sets_root) if args.sets_root else None
     if root is not None and not root.is_dir():
@@ -321,7 +322,7 @@ def cmd_export(args, argv) -> int:
     try:
         record = export_set(args.folder, args.out, args.format, args.int8, args.backbone, args.overwrite)
     except ExportError as err:
-        raise ValueError(str(err)) from None
+        raise UserError(str(err)) from None
     print(json.dumps({"out": args.out, "tasks": {t: e["check"] for t, e in record["tasks"].items()}}))
     return 0
 

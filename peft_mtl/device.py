@@ -16,11 +16,16 @@ each rank gets the device accelerate assigns). Everything else asks this module:
 from __future__ import annotations
 
 import contextlib
-import sys
+import contextvars
+import warnings
 
 import torch
 
-_current = {"device": torch.device("cpu")}
+from .errors import UserError
+
+# The device of the work running in this context (thread / asyncio task); threads that work
+# for a model (the server's model thread) start in a copy of their creator's context.
+_DEVICE: contextvars.ContextVar[torch.device] = contextvars.ContextVar("peft_mtl_device", default=torch.device("cpu"))
 
 
 def resolve_device(spec: str | None = "auto") -> torch.device:
@@ -31,27 +36,27 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: this machine has no CUDA GPU (torch {torch.__version__}, "
+            raise UserError(f"--device {spec}: this machine has no CUDA GPU (torch {torch.__version__}, "
                              f"CUDA build: {torch.version.cuda is not None}); use --device cpu or auto")
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) here")
+            raise UserError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) here")
         return torch.device("cuda", index)
     if device.type != "cpu":
-        raise ValueError(f"--device {spec}: use auto, cpu, cuda or cuda:N")
+        raise UserError(f"--device {spec}: use auto, cpu, cuda or cuda:N")
     return device
 
 
 def use_device(device: torch.device) -> torch.device:
-    """Make ``device`` this process's device (autocast, generators and kernels follow it)."""
-    _current["device"] = device
+    """Make ``device`` the device of the current context (autocast, generators and kernels follow it)."""
+    _DEVICE.set(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
 
 
 def current() -> torch.device:
-    return _current["device"]
+    return _DEVICE.get()
 
 
 def on_cuda() -> bool:
@@ -68,15 +73,12 @@ def cpu_supports_bf16() -> bool:
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
-_warned: set[str] = set()
-
-
 def resolve_precision(precision: str) -> str:
     """``auto`` → the fastest safe autocast precision of the current device: ``bf16``, ``fp16``
     (CUDA without bf16) or ``fp32``. An explicit bf16 on a CPU without native bf16 is honoured
     with a warning."""
     if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+        raise UserError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
     if on_cuda():
         if precision == "auto":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -84,12 +86,12 @@ def resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if cpu_supports_bf16() else "fp32"
     if precision == "fp16":
-        raise ValueError("--precision fp16 is for CUDA GPUs; on a CPU use auto, bf16 or fp32")
-    if precision == "bf16" and not cpu_supports_bf16() and "bf16" not in _warned:
-        _warned.add("bf16")
-        print("warning: --precision bf16 on a CPU without native bf16 (no AVX512-BF16/AMX in /proc/cpuinfo): "
-              "bf16 matrix products are emulated there, ~100x slower than fp32 on AVX2 CPUs; "
-              "use --precision auto or fp32", file=sys.stderr)
+        raise UserError("--precision fp16 is for CUDA GPUs; on a CPU use auto, bf16 or fp32")
+    if precision == "bf16" and not cpu_supports_bf16():
+        # warnings shows it once per process (its own registry), whoever asks how often.
+        warnings.warn("--precision bf16 on a CPU without native bf16 (no AVX512-BF16/AMX in /proc/cpuinfo): "
+                      "bf16 matrix products are emulated there, ~100x slower than fp32 on AVX2 CPUs; "
+                      "use --precision auto or fp32", RuntimeWarning, stacklevel=2)
     return precision
 
 

@@ -19,6 +19,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
 from .artifacts import write_json_atomic
 from .runs import MANIFEST
 
@@ -171,7 +172,7 @@ def drop_copies(rows: list[Row]) -> list[Row]:
 def ensemble_row(record_path: Path, root: Path) -> Row:
     rec = json.loads(record_path.read_text())
     if rec.get("split") != "dev":
-        raise ValueError(f"{record_path}: the report compares dev scores; this record is on {rec.get('split')!r}")
+        raise UserError(f"{record_path}: the report compares dev scores; this record is on {rec.get('split')!r}")
     scored, overall = rec["metrics"], rec["metrics"].get("overall")
     selection = rec.get("selection")
     if selection and selection.get("cross_fitted_overall") is not None:

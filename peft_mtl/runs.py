@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .errors import UserError
 from .artifacts import atomic_folder, save_tensors_atomic, write_json_atomic
 from .model.heads import TaskHead
 from .model.multitask import MultiTaskModel
@@ -35,7 +36,7 @@ MANIFEST = "peft_mtl.json"
 HEAD_FILE = "head.safetensors"
 
 
-class AdapterError(Exception):
+class AdapterError(UserError):
     """A saved run cannot be loaded; the message names the folder and the reason."""
 
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from peft_mtl.model.adapters import LoraSettings, add_adapters, activate
-from peft_mtl.model.kernels import FastDropout, fast_dropout, fused_lora_forward, keep_mask
+from peft_mtl.model.kernels import FastDropout, fast_dropout, keep_mask
+from peft_mtl.model.lora_runtime import RuntimeLoraLinear, fused_lora_forward, peft_forward
 
 
 def test_keep_mask_rate_and_reproducibility():
@@ -78,7 +79,7 @@ def _two_adapter_layer():
 
 def test_fused_lora_equals_the_sum_of_both_adapters_under_bf16_autocast():
     model, layer = _two_adapter_layer()
-    assert "forward" in layer.__dict__, "add_adapters routes LoRA layers through the fused forward"
+    assert isinstance(layer, RuntimeLoraLinear), "add_adapters routes LoRA layers through the runtime forward"
     x = torch.randn(5, 48)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = layer(x).float()
@@ -96,7 +97,7 @@ def test_fused_lora_equals_the_sum_of_both_adapters_under_bf16_autocast():
         return torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad])
 
     ours = grads(layer)
-    peft = grads(lambda inp: type(layer).forward(layer, inp))
+    peft = grads(lambda inp: peft_forward(layer, inp))
     assert torch.nn.functional.cosine_similarity(ours, peft, dim=0) > 0.999
     for name in ("shared", "task"):
         assert layer.lora_A[name].weight.grad.abs().sum() > 0 and layer.lora_B[name].weight.grad.abs().sum() > 0
@@ -116,7 +117,7 @@ def test_fused_lora_in_fp32_gives_peft_outputs_and_gradients():
         return out.detach(), grads, x.grad.clone()
 
     ours, our_grads, our_input_grad = run(layer)
-    theirs, their_grads, their_input_grad = run(lambda inp: type(layer).forward(layer, inp))
+    theirs, their_grads, their_input_grad = run(lambda inp: peft_forward(layer, inp))
     fn, names = layer(x).grad_fn, []
     while fn is not None:
         names.append(type(fn).__name__)
@@ -134,12 +135,12 @@ def test_fused_lora_falls_back_to_peft_outside_its_cases():
     x = torch.randn(5, 48)
     half = x.half()
     layer.half()  # fp16 compute: peft's path, bit for bit
-    assert torch.equal(fused_lora_forward(layer, half), type(layer).forward(layer, half))
+    assert torch.equal(fused_lora_forward(layer, half), peft_forward(layer, half))
     layer.float()
     layer.base_layer.weight.requires_grad_(True)  # full fine-tuning: peft's path
-    assert torch.equal(fused_lora_forward(layer, x), type(layer).forward(layer, x))
+    assert torch.equal(fused_lora_forward(layer, x), peft_forward(layer, x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(fused_lora_forward(layer, x), type(layer).forward(layer, x))
+        assert torch.equal(fused_lora_forward(layer, x), peft_forward(layer, x))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])

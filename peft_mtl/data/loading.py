@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .tasks import SPLITS, TaskSpec, _canonical
 
 MAX_REPORTED_LINES = 5
@@ -29,7 +30,7 @@ MAX_REPORTED_LINES = 5
 csv.field_size_limit(16 * 1024 * 1024)
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A data file cannot be used; the message names the file, the line and the fix."""
 
 
@@ -354,7 +355,7 @@ def encode_texts(task: TaskSpec, inputs: Sequence[str | Sequence[str]], tokenize
         texts = (item,) if isinstance(item, str) else tuple(item)
         if len(texts) != len(task.text_columns):
             kind = "a sentence pair (a, b)" if task.is_pair else "one sentence"
-            raise ValueError(f"task {task.name!r} takes {kind} per input; input {i} has {len(texts)} part(s)")
+            raise UserError(f"task {task.name!r} takes {kind} per input; input {i} has {len(texts)} part(s)")
         examples.append(Example(texts=tuple(str(t) for t in texts), label=0.0, line=i))
     loaded = LoadedSplit(task=task, path=Path("<inputs>"), examples=examples)
     return encode_split(loaded, tokenizer, max_length, pair_encoding)

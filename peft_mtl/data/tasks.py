@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import UnknownName, UserError
+
 TaskKind = Literal["classification", "regression"]
 KINDS = ("classification", "regression")
 TASK_FILE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -38,7 +40,7 @@ _FIELDS = {"name", "description", "train", "dev", "test", "data", "delimiter", "
            "metrics", "loss", "output_range", "label_range"}
 
 
-class TaskFileError(ValueError):
+class TaskFileError(UserError):
     """A task file cannot be used; the message names the file, the field and the fix."""
 
 
@@ -267,11 +269,11 @@ TASKS: dict[str, TaskSpec] = {}
 def register_task(spec: TaskSpec, replace: bool = False) -> TaskSpec:
     """Add a task to the registry (a different task under an existing name is an error unless ``replace``)."""
     if spec.name in TASKS and TASKS[spec.name] != spec and not replace:
-        raise ValueError(f"task {spec.name!r} is already registered with another definition")
+        raise UserError(f"task {spec.name!r} is already registered with another definition")
     if spec.kind == "classification" and (spec.labels is None or len(spec.labels) < 2):
-        raise ValueError(f"task {spec.name!r}: classification needs at least two labels")
+        raise UserError(f"task {spec.name!r}: classification needs at least two labels")
     if len(spec.text_columns) not in (1, 2):
-        raise ValueError(f"task {spec.name!r}: text_columns must name one or two columns")
+        raise UserError(f"task {spec.name!r}: text_columns must name one or two columns")
     TASKS[spec.name] = spec
     return spec
 
@@ -281,7 +283,7 @@ def get_task(name: str) -> TaskSpec:
     try:
         return TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))} "
+        raise UnknownName(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))} "
                        f"(or give a task file: --tasks path/to/task.yaml)") from None
 
 

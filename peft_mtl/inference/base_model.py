@@ -21,13 +21,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..model import peft_compat
+from ..errors import UserError
+from ..model import lora_runtime
 from ..model.adapters import load_adapter_into_existing_layers
 from ..model.backbone import (BackboneIdentity, backbone_identity, freeze, load_encoder, load_tokenizer,
                               resolve_backbone)
 from ..data.loading import EncodedSplit, encode_texts
 from .evaluate import predictions_from_outputs, probabilities, raw_outputs
-from ..model.kernels import use_fused_lora
 from ..model.multitask import MultiTaskModel
 from ..runs import (MANIFEST, AdapterError, build_head, check_adapter_files, check_backbone, load_head_weights,
                     read_manifest)
@@ -79,7 +79,7 @@ class BaseModel:
             from .int8 import Int8Runtime
 
             if encoder.device.type != "cpu":
-                raise ValueError("int8 inference runs on the CPU (ONNX Runtime); use device='cpu' (--device cpu)")
+                raise UserError("int8 inference runs on the CPU (ONNX Runtime); use device='cpu' (--device cpu)")
             self.int8 = Int8Runtime(torch.get_num_threads())
 
     # -- loading ------------------------------------------------------------------
@@ -90,9 +90,9 @@ class BaseModel:
         manifest = read_manifest(folder)
         name = name or folder.resolve().name
         if SEP in name or "." in name:
-            raise ValueError(f"set name {name!r} may not contain {SEP!r} or '.'")
+            raise UserError(f"set name {name!r} may not contain {SEP!r} or '.'")
         if name in self.sets:
-            raise ValueError(f"a set named {name!r} is already loaded; unload it or pick another name")
+            raise UserError(f"a set named {name!r} is already loaded; unload it or pick another name")
         check_backbone(folder, manifest, self.identity)
         tasks = list(manifest["tasks"])
         specs = saved_task_specs(folder, manifest)
@@ -131,7 +131,7 @@ class BaseModel:
                 raise AdapterError(f"{path}: peft could not load this adapter ({type(err).__name__}: {err}). "
                                    f"Was it trained on this backbone?") from None
             loaded.append(full_name)
-        use_fused_lora(self.model.encoder)
+        lora_runtime.install(self.model.encoder)
         self.model.reset_routing()
         hidden = self.identity.hidden_size
         for task in tasks:
@@ -153,7 +153,7 @@ class BaseModel:
     def _lora_layers(self) -> dict:
         """Module name -> LoRA layer of the shared peft model (one walk, kept until peft adds layers)."""
         if self._lora_layer_index is None:
-            self._lora_layer_index = peft_compat.lora_layers(self.model.encoder)
+            self._lora_layer_index = lora_runtime.lora_layers(self.model.encoder)
         return self._lora_layer_index
 
     def _load_full(self, folder: Path, name: str, manifest: dict, tasks: list[str]) -> AdapterSet:
@@ -201,15 +201,15 @@ class BaseModel:
     def _get(self, name: str | None) -> AdapterSet:
         name = name or self.active
         if name is None:
-            raise ValueError("no adapter set is loaded; call load(folder) first")
+            raise UserError("no adapter set is loaded; call load(folder) first")
         try:
             return self.sets[name]
         except KeyError:
-            raise ValueError(f"no adapter set named {name!r}; loaded: {', '.join(self.sets) or 'none'}") from None
+            raise UserError(f"no adapter set named {name!r}; loaded: {', '.join(self.sets) or 'none'}") from None
 
     def _key(self, aset: AdapterSet, task: str) -> str:
         if task not in aset.tasks:
-            raise ValueError(f"adapter set {aset.name!r} has no {task!r} head; it has {', '.join(aset.tasks)}")
+            raise UserError(f"adapter set {aset.name!r} has no {task!r} head; it has {', '.join(aset.tasks)}")
         return f"{aset.name}{SEP}{task}"
 
     # -- prediction -----------------------------------------------------------------

@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..model import peft_compat
+from ..errors import UserError
+from ..model import lora_runtime
 from ..data.loading import EncodedSplit, iterate_batches
 from .evaluate import predictions_from_outputs, probabilities
 from .output_cache import OutputCache
 from ..model.heads import pool
 from .base_model import SEP, BaseModel
 from ..runtime import autocast
-from ..model.stacked import stack_members, stacked_lora
+from ..model.lora_runtime import stack_members, stacked_lora
 from ..data.tasks import TaskSpec
 
 CLASSIFICATION_METHODS = ("mean", "vote")
@@ -43,7 +44,7 @@ def combine(kind: str, member_outputs: list[np.ndarray], weights: list[float] | 
     k = len(member_outputs)
     w = np.asarray(weights if weights is not None else [1.0] * k, dtype=np.float64)
     if len(w) != k or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError("ensemble weights must be one non-negative number per member, not all zero")
+        raise UserError("ensemble weights must be one non-negative number per member, not all zero")
     w = w / w.sum()
     if kind == "classification":
         probs = np.stack([probabilities(o) for o in member_outputs])  # (k, N, C)
@@ -58,13 +59,13 @@ def combine(kind: str, member_outputs: list[np.ndarray], weights: list[float] | 
             # Break ties by the mean probability, then return normalised vote shares.
             votes = votes + 1e-9 * mean
             return votes / votes.sum(-1, keepdims=True)
-        raise ValueError(f"classification ensembles use {CLASSIFICATION_METHODS}, not {method!r}")
+        raise UserError(f"classification ensembles use {CLASSIFICATION_METHODS}, not {method!r}")
     scores = np.stack([np.asarray(o, dtype=np.float64) for o in member_outputs])
     if method == "mean":
         return np.einsum("k,kn->n", w, scores)
     if method == "median":
         return np.median(scores, axis=0)
-    raise ValueError(f"regression ensembles use {REGRESSION_METHODS}, not {method!r}")
+    raise UserError(f"regression ensembles use {REGRESSION_METHODS}, not {method!r}")
 
 
 def ensemble_predictions(task: TaskSpec, combined: np.ndarray) -> np.ndarray:
@@ -221,7 +222,7 @@ def routed_adapter(base: BaseModel, member: str, task: str) -> str:
         return names[0]
     combined = f"{member}{SEP}{task}{SEP}combined"
     if combined not in base.model.encoder.peft_config:
-        peft_compat.add_concatenated_adapter(base.model.encoder, names, combined)
+        lora_runtime.add_concatenated_adapter(base.model.encoder, names, combined)
         base.sets[member].adapter_names.append(combined)
         base.model.reset_routing()
         base.model.eval()  # new peft modules start in training mode: their LoRA dropout would be live
@@ -302,7 +303,7 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
         rows.append(enc.segments[0][0])
         names.append(routed_adapter(base, name, t))  # outside inference mode: peft fills it in place
         tasks.append(t)
-    peft_compat.route_rows(base.model.encoder, names)
+    lora_runtime.route_rows(base.model.encoder, names)
     base.model.reset_routing()
     inputs = pad_sequences(rows, base.pad_id)
     results: list[dict | None] = [None] * len(requests)

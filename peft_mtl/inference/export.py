@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+from contextlib import contextmanager
+from typing import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..artifacts import atomic_folder, write_json_atomic
 from ..model.heads import pool
 
@@ -36,8 +38,10 @@ PAIR_PROBES = [("how do i learn python?", "what is the best way to learn python?
                ("a man is playing a guitar.", "a woman is slicing an onion."),
                ("the cat sits on the mat.", "a cat is sitting on a mat.")]
 
+logger = logging.getLogger(__name__)
 
-class ExportError(Exception):
+
+class ExportError(UserError):
     """The set cannot be exported as asked; the message says why and what to do."""
 
 
@@ -59,7 +63,6 @@ def merged_encoder(base, set_name: str, task: str) -> nn.Module:
     """A plain (peft-free) copy of the backbone with ``task``'s active LoRA deltas added to its weights."""
     from ..model.backbone import load_encoder, resolve_backbone
     from .base_model import SEP
-    from ..model.kernels import concat_factors
 
     aset = base.sets[set_name]
     if aset.model is not None:  # full fine-tuning: its own encoder already holds everything
@@ -69,20 +72,17 @@ def merged_encoder(base, set_name: str, task: str) -> nn.Module:
     names = base.model.routing.get(f"{set_name}{SEP}{task}", [])
     if not names:
         return encoder
-    from ..model import peft_compat
+    from ..model import lora_runtime
 
+    try:
+        deltas = lora_runtime.merged_deltas(base.model.encoder, names)
+    except ValueError:
+        raise ExportError(f"set {set_name!r} uses DoRA, which this exporter does not merge; "
+                          f"export a plain LoRA set") from None
     modules = dict(encoder.named_modules())
     with torch.no_grad():
-        for name, layer in peft_compat.lora_layers(base.model.encoder).items():
-            present = [n for n in names if n in layer.lora_A]
-            if not present:
-                continue
-            if any(peft_compat.is_variant(layer, n) for n in present):
-                raise ExportError(f"set {set_name!r} uses DoRA, which this exporter does not merge; "
-                                  f"export a plain LoRA set")
-            a, b = concat_factors(layer, present)
-            clean = name.replace("base_model.model.", "", 1)
-            modules[clean].weight.add_(b.float() @ a.float())
+        for name, delta in deltas.items():
+            modules[name].weight.add_(delta)
     return encoder
 
 
@@ -120,8 +120,7 @@ def export_set(folder: str | Path, out: str | Path, fmt: str = "onnx", int8: boo
         for task in aset.tasks:
             record["tasks"][task] = export_task(base, name, task, tmp, fmt, int8, opset)
         write_json_atomic(tmp / "export.json", record)
-    print(f"exported {len(record['tasks'])} task(s) of {folder} to {out} ({fmt}{', int8' if int8 else ''})",
-          file=sys.stderr)
+    logger.info(f"exported {len(record['tasks'])} task(s) of {folder} to {out} ({fmt}{', int8' if int8 else ''})")
     return record
 
 
@@ -202,9 +201,22 @@ def quantize_onnx(path: Path, out: Path) -> None:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(logging.ERROR)  # ORT's "consider pre-processing" notice
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                     extra_options={"MatMulConstBOnly": True})
+    with _quiet_root_logger():  # ORT logs a "consider pre-processing" notice through the root logger
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"MatMulConstBOnly": True})
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """Root-logger records below ERROR are dropped inside the block; the logger is as it was after."""
+    root = logging.getLogger()
+    drop = logging.Filter()
+    drop.filter = lambda record: record.levelno >= logging.ERROR  # type: ignore[method-assign]
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def to_openvino(onnx_path: Path) -> Path:

@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+
 FORMAT_VERSION = "1"  # bump when the exported graph changes, so cached graphs are rebuilt
 
 
-class Int8Error(ValueError):
+class Int8Error(UserError):
     """int8 inference cannot run as asked; the message says why and what to do."""
 
 

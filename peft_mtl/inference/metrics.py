@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import UserError
+
 # The benchmark this toolkit reports against: task -> the metric the CS224N score uses.
 CS224N_TASKS = {"sst": "accuracy", "qqp": "accuracy", "sts": "pearson"}
 
@@ -31,7 +33,7 @@ def register_metric(name: str, kind: str, correlation: bool = False):
     """Add a metric ``fn(predictions, labels) -> float`` for tasks of ``kind``."""
     def wrap(fn):
         if name in METRICS:
-            raise ValueError(f"metric {name!r} is already registered")
+            raise UserError(f"metric {name!r} is already registered")
         METRICS[name] = Metric(fn, kind, correlation)
         return fn
     return wrap

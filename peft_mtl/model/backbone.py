@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UserError
+from . import lora_runtime
+
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {"default", DEFAULT_BACKBONE.lower(), "sentence-transformers/all-minilm-l6-v2"}
 
@@ -28,7 +31,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
-class BackboneError(Exception):
+class BackboneError(UserError):
     """The backbone cannot be found or loaded; the message says what to do."""
 
 
@@ -147,10 +150,9 @@ def _config_digest(config) -> str:
 def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 1024) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" in name or "modules_to_save" in name:
+        if lora_runtime.is_adapter_weight(name) or "modules_to_save" in name:
             continue
-        # peft wraps adapted layers (".base_layer."), which must not change the fingerprint
-        clean = name.replace("base_model.model.", "").replace(".base_layer", "")
+        clean = lora_runtime.unwrapped_name(name)  # peft's wrapping must not change the fingerprint
         flat = tensor.detach().reshape(-1)
         stride = max(1, flat.numel() // samples_per_tensor)
         sample = flat[::stride][:samples_per_tensor].float().to(torch.bfloat16).view(torch.int16)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..artifacts import atomic_folder, save_tensors_atomic
+from . import lora_runtime
 from ..runs import MANIFEST, AdapterError, read_manifest
 
 __all__ = ["CompressionResult", "compress_set", "lora_scale"]
@@ -103,12 +104,16 @@ def compress_set(src: str | Path, out: str | Path, rank: int, task_rank: int | N
             new_config = dict(config, r=ranks[name], lora_alpha=alpha_per_rank * ranks[name], use_rslora=False)
             new_scale = lora_scale(new_config)
             tensors, kept = {}, []
-            for key in sorted(k for k in weights if k.endswith(".lora_A.weight")):
-                module = key[: -len(".lora_A.weight")]
-                delta = scale * (weights[f"{module}.lora_B.weight"].double() @ weights[key].double())
+            factors = lora_runtime.saved_factors(weights) or {}
+            for module in sorted(factors):
+                ab = factors[module]
+                if set(ab) != {"A", "B"}:
+                    continue  # counted as foreign below
+                delta = scale * (ab["B"].double() @ ab["A"].double())
                 a, b, share = _low_rank(delta, ranks[name], new_scale)
-                dtype = weights[key].dtype
-                tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = a.to(dtype), b.to(dtype)
+                dtype = ab["A"].dtype
+                tensors[lora_runtime.saved_factor_key(module, "A")] = a.to(dtype)
+                tensors[lora_runtime.saved_factor_key(module, "B")] = b.to(dtype)
                 kept.append(share)
             if len(tensors) != len(weights):
                 raise AdapterError(f"{folder}: holds tensors other than LoRA factors; only plain LoRA adapters "

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .kernels import FastDropout
 from ..data.tasks import TaskSpec
 
@@ -28,7 +29,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     if pooling == "mean":
         mask = attention_mask.unsqueeze(-1).to(torch.float32)
         return (hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-    raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
+    raise UserError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
 
 
 class TaskHead(nn.Module):

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import peft_compat
+from . import lora_runtime
 from .adapters import SHARED_ADAPTER, activate
 from .heads import pool
 from ..data.tasks import get_task
@@ -109,10 +109,10 @@ class MultiTaskModel(nn.Module):
             # set_adapter walks every module and re-flags requires_grad on every adapter
             # (milliseconds with many sets loaded); setting the active list on the cached
             # LoRA layers is what it does for the forward pass, in microseconds.
-            peft_compat.switch_active_fast(self.encoder, self._tuner_layers, list(names))
+            lora_runtime.switch_active_fast(self.encoder, self._tuner_layers, list(names))
         else:
             activate(self.encoder, list(names), trainable=trainable)
-            self._tuner_layers = peft_compat.tuner_layers(self.encoder)
+            self._tuner_layers = lora_runtime.tuner_layers(self.encoder)
         self._active, self._active_trainable = names, trainable
 
     @property

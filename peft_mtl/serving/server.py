@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 from .app import ServeConfig, create_app
+
+logger = logging.getLogger(__name__)
 
 
 def parse_set(item: str) -> tuple[str | None, Path]:
@@ -31,6 +33,6 @@ def serve(sets: list[str], host: str = "127.0.0.1", port: int = 8000, config: Se
     for name, folder in parsed:
         base.load(folder, name=name)
     app = create_app(base, config)
-    print(f"peft-mtl serve: {len(base.sets)} set(s) on http://{host}:{port} (docs: /docs); "
-          f"batching up to {app.state.worker.max_batch} rows", file=sys.stderr, flush=True)
+    logger.info(f"peft-mtl serve: {len(base.sets)} set(s) on http://{host}:{port} (docs: /docs); "
+                f"batching up to {app.state.worker.max_batch} rows")
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -4,7 +4,7 @@ HTTP handlers never touch the model. They put jobs on a queue and await a future
 worker takes the first queued job, keeps collecting until ``max_batch`` rows are waiting
 or ``max_wait_ms`` have passed since that first job arrived, and answers every prediction
 job of the batch from one forward pass: rows are grouped by (set, task), each group a
-contiguous block of the batch with its own LoRA deltas (:func:`peft_mtl.stacked.grouped_lora`)
+contiguous block of the batch with its own LoRA deltas (:func:`peft_mtl.model.lora_runtime.grouped_lora`)
 and its own head. Loading and unloading sets are jobs on the same queue, run between
 batches, so they can never overlap a forward pass; a request for a set unloaded before
 its turn gets a clean "unknown set" error.
@@ -12,6 +12,7 @@ its turn gets a clean "unknown set" error.
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 import time
@@ -25,7 +26,7 @@ from ..data.loading import pad_sequences
 from ..model.heads import pool
 from ..inference.base_model import SEP, BaseModel, format_predictions
 from ..runtime import autocast
-from ..model.stacked import RowGroup, combination_factors, grouped_lora
+from ..model.lora_runtime import RowGroup, combination_factors, grouped_lora
 
 
 class UnknownName(LookupError):
@@ -75,7 +76,9 @@ class Worker:
         self._groupable_cache: dict[str, bool] = {}
         self.sets_snapshot: dict[str, dict] = {}
         self._publish()
-        self.thread = threading.Thread(target=self._run, name="peft-mtl-model", daemon=True)
+        # The model thread works in a copy of this context: the device chosen at load follows it.
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                       name="peft-mtl-model", daemon=True)
         self.thread.start()
 
     # -- called from any thread ------------------------------------------------------

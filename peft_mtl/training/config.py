@@ -13,7 +13,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from ..model.adapters import LoraSettings
+from ..errors import UserError
+from ..model.lora_config import LoraSettings
 from ..options import differences, flag_for, option
 
 MODES = ("lora", "heads", "full")
@@ -28,7 +29,7 @@ RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "checkpoint_every", "trace_d
 KEEP_BEST = ("overall", "per-task")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value is wrong; the message names the flag (or config field)."""
 
 

@@ -25,6 +25,7 @@ Tasks the teacher does not cover train on their labels alone.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..data.loading import LoadedSplit
 from ..data.tasks import TaskSpec
 
 __all__ = ["Teacher", "TeacherError", "teacher_members", "check_output_is_not_a_member", "load_teacher", "distillation_loss", "default_cache_dir"]
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError):
     """The teacher cannot be used as given; the message names the file and the fix."""
 
 
@@ -140,7 +142,7 @@ def check_output_is_not_a_member(source: str | Path, out: str | Path, top: int =
 def load_teacher(source: str | Path, raw_splits: dict[str, LoadedSplit], student_specs: dict[str, TaskSpec],
                  backbone: str | None = None, precision: str = "auto", device: str = "auto",
                  cache_dir: str | Path | None = None, top_members: int = 0, progress: bool = False,
-                 log: Callable[[str], None] = print) -> Teacher:
+                 log: Callable[[str], None] = logging.getLogger(__name__).info) -> Teacher:
     """The teacher's combined outputs on every row of ``raw_splits`` (the student's training rows, in order)."""
     from ..inference.base_model import load_base
     from ..inference.ensemble import combine, member_outputs

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from ..model import lora_runtime
 from ..model.multitask import MultiTaskModel
 from . import checkpoint as ckpt
 
 
 def _adapter_of(name: str, adapters: set[str]) -> str | None:
     """The LoRA adapter a parameter belongs to (``...query.lora_A.shared.weight`` -> ``shared``)."""
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        if parts[i] in adapters and parts[i - 1].startswith("lora_"):
-            return parts[i]
-    return None
+    return lora_runtime.adapter_of_parameter(name, adapters)
 
 
 def task_state(model: MultiTaskModel, task: str) -> dict[str, torch.Tensor]:

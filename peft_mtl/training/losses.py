@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import UnknownName, UserError
+
 LossFn = Callable[..., torch.Tensor]
 LOSSES: dict[str, LossFn] = {}
 
@@ -18,7 +20,7 @@ LOSSES: dict[str, LossFn] = {}
 def register_loss(name: str) -> Callable[[LossFn], LossFn]:
     def wrap(fn: LossFn) -> LossFn:
         if name in LOSSES:
-            raise ValueError(f"loss {name!r} is already registered")
+            raise UserError(f"loss {name!r} is already registered")
         LOSSES[name] = fn
         return fn
 
@@ -29,7 +31,7 @@ def get_loss(name: str) -> LossFn:
     try:
         return LOSSES[name]
     except KeyError:
-        raise KeyError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}") from None
+        raise UnknownName(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}") from None
 
 
 @register_loss("cross_entropy")

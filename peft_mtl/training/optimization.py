@@ -19,6 +19,7 @@ import torch
 
 from .config import TrainConfig
 from .distributed import Dist
+from ..model import lora_runtime
 from ..model.multitask import MultiTaskModel
 from .pcgrad import PCGrad
 from .regularizers import Objective
@@ -40,7 +41,7 @@ def build_optimizer(cfg: TrainConfig, model: MultiTaskModel) -> torch.optim.Opti
             continue
         if name.startswith("heads."):
             groups["head"].append(p)
-        elif "lora_B" in name and cfg.lora_plus_ratio != 1.0:
+        elif lora_runtime.is_lora_b(name) and cfg.lora_plus_ratio != 1.0:
             groups["lora_b"].append(p)
         elif p.ndim < 2 or "LayerNorm" in name or name.endswith(".bias"):
             groups["no_decay"].append(p)

@@ -19,7 +19,7 @@ get wrong when spread over a loop:
 
 from __future__ import annotations
 
-import sys
+import logging
 
 import torch
 
@@ -34,6 +34,8 @@ from ..data.tasks import TaskSpec, get_task
 
 # Below this ε a bf16 pass cannot see the perturbation (bf16 spacing near 1 is ~0.008).
 _BF16_VISIBLE_EPSILON = 2.0 ** -8
+
+logger = logging.getLogger(__name__)
 
 
 def loss_name_for(cfg: TrainConfig, task: TaskSpec) -> str:
@@ -61,9 +63,9 @@ class Objective:
         self._pairable: bool | None = None
         if precision == "bf16" and self.smart.precision == "train" and self.uses_smart \
                 and self.smart.epsilon < _BF16_VISIBLE_EPSILON:
-            print(f"warning: --smart-precision train with bf16 and --smart-epsilon {self.smart.epsilon:g}: bf16 "
-                  f"cannot resolve perturbations below ~{_BF16_VISIBLE_EPSILON:g}, so R_s will be ~0; "
-                  f"use --smart-precision fp32 or a larger epsilon", file=sys.stderr)
+            logger.warning(f"--smart-precision train with bf16 and --smart-epsilon {self.smart.epsilon:g}: bf16 "
+                           f"cannot resolve perturbations below ~{_BF16_VISIBLE_EPSILON:g}, so R_s will be ~0; "
+                           f"use --smart-precision fp32 or a larger epsilon")
 
     @property
     def uses_smart(self) -> bool:

@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import UnknownName, UserError
+
 Sampler = Callable[..., list[tuple[str, ...]]]
 SAMPLERS: dict[str, Sampler] = {}
 
@@ -19,7 +21,7 @@ SAMPLERS: dict[str, Sampler] = {}
 def register_sampler(name: str) -> Callable[[Sampler], Sampler]:
     def wrap(fn: Sampler) -> Sampler:
         if name in SAMPLERS:
-            raise ValueError(f"sampler {name!r} is already registered")
+            raise UserError(f"sampler {name!r} is already registered")
         SAMPLERS[name] = fn
         return fn
 
@@ -99,6 +101,6 @@ def task_schedule(name: str, sizes: dict[str, int], steps: int, epoch: int, epoc
     try:
         sampler = SAMPLERS[name]
     except KeyError:
-        raise KeyError(f"unknown sampler {name!r}; known: {', '.join(sorted(SAMPLERS))}") from None
+        raise UnknownName(f"unknown sampler {name!r}; known: {', '.join(sorted(SAMPLERS))}") from None
     return sampler(sizes=sizes, steps=steps, epoch=epoch, epochs=epochs, seed=seed,
                    staggered_epochs=staggered_epochs, staggered_first=staggered_first)

@@ -34,12 +34,14 @@ with the baseline like a recipe, and ``peft-mtl report`` lists it as one row.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,7 +215,7 @@ def stale_runs(jobs: list[Job]) -> list[str]:
 
 
 def run_jobs(jobs: list[Job], out: Path, workers: int = 1, threads: int | None = None,
-             log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> list[Job]:
+             log: Callable[[str], None] = logging.getLogger(__name__).info) -> list[Job]:
     """Train the jobs not yet done, ``workers`` at a time; returns the ones that failed.
 
     Each process gets ``threads`` CPU threads (default: the cores divided among the workers),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 import json
+import logging
 import math
 import os
 import signal
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from . import checkpoint as ckpt
 from .keep_best import apply_task_bests, record_task_bests
 from .. import device
@@ -53,16 +55,12 @@ from ..data.tasks import get_task
 __all__ = ["TrainingError", "train", "prepare", "load_task_data", "check_output_folder", "build_model", "summary_line"]
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
     """Training cannot go on (bad output folder, non-finite loss, ...); the message says why."""
 
 
-_QUIET = {"on": False}  # ranks other than 0 of a distributed run stay silent
-
-
-def log(message: str) -> None:
-    if not _QUIET["on"]:
-        print(message, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
+log = logger.info  # progress lines; the CLI's handler keeps rank 0's only (peft_mtl.logs)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -187,7 +185,6 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     """Backbone, data, model, optimiser, objective, streams — and the checkpoint if resuming."""
     out = Path(cfg.out)
     dist = setup_distributed()
-    _QUIET["on"] = not dist.is_main
     if dist.is_main:
         check_output_folder(out, cfg.overwrite, resume)
         if cfg.teacher:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from ..model import lora_runtime
 from ..model.multitask import MultiTaskModel
 from ..runs import AdapterError, check_adapter_files, check_backbone, load_head_weights, read_manifest
 
@@ -61,4 +62,4 @@ def load_initial_weights(model: MultiTaskModel, folder: str | Path, tasks: list[
 
 
 def _rank(tensor, key: str) -> int:
-    return tensor.shape[0] if ".lora_A." in key else tensor.shape[1]
+    return lora_runtime.saved_rank(key, tensor)
