@@ -16,7 +16,7 @@ from pathlib import Path
 
 PROBE_SETS = r'''
 import json, statistics, sys, time
-from peft_mtl.bench import rss_mb
+from peft_mtl.experiments.bench import rss_mb
 before = rss_mb()
 from peft_mtl import load_base
 folders = sys.argv[1:]
@@ -41,7 +41,7 @@ print(json.dumps({"rss_mb": rss, "load_ms": [round(x * 1e3, 1) for x in loads],
 
 PROBE_COPIES = r'''
 import json, sys, time
-from peft_mtl.bench import rss_mb
+from peft_mtl.experiments.bench import rss_mb
 before = rss_mb()
 from peft_mtl.model.backbone import load_encoder, resolve_backbone
 _, path = resolve_backbone(None)

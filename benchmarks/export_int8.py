@@ -44,8 +44,8 @@ def main() -> None:
     from peft_mtl.data.loading import load_split, pad_sequences, task_file
     from peft_mtl.inference.evaluate import predictions_from_outputs, score
     from peft_mtl.inference.export import export_set
-    from peft_mtl.inference.base_model import load_base
-    from peft_mtl.runtime import configure_threads, cpu_supports_bf16
+    from peft_mtl.inference.adapter_host import load_base
+    from peft_mtl.device import configure_threads, cpu_supports_bf16
 
     threads = configure_threads()
     out_dir = Path(tempfile.mkdtemp(prefix="peft_mtl_export_")) / "set"

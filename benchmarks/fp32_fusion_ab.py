@@ -19,7 +19,7 @@ from peft_mtl.training.config import TrainConfig
 from peft_mtl.data.loading import BatchStream, default_data_dir, encode_split, load_split, task_file
 from peft_mtl.training.optimization import TrainingStep, build_optimizer, build_scheduler
 from peft_mtl.training.regularizers import Objective
-from peft_mtl.runtime import configure_threads
+from peft_mtl.device import configure_threads
 from peft_mtl.data.tasks import get_task
 from peft_mtl.training.train import build_model, load_task_data
 
@@ -60,7 +60,7 @@ def training(shared: bool, rounds: int = 6, block: int = 4) -> None:
 
 
 def inference(rounds: int = 3) -> None:
-    from peft_mtl.inference.base_model import load_base
+    from peft_mtl.inference.adapter_host import load_base
 
     base = load_base(precision="fp32", device="cpu")
     base.load("adapters/sst", name="s")

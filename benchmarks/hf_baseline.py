@@ -41,7 +41,7 @@ def main() -> None:
 
     from peft_mtl.model.backbone import resolve_backbone
     from peft_mtl.data.loading import default_data_dir, load_split, task_file
-    from peft_mtl.inference.metrics import accuracy, pearson
+    from peft_mtl.data.metrics import accuracy, pearson
     from peft_mtl.data.tasks import get_task
     from peft_mtl.artifacts import write_json_atomic
     from peft_mtl.device import name as device_name

@@ -42,8 +42,8 @@ def main() -> None:
     from export_int8 import cpu_model
     from peft_mtl.data.loading import encode_split, load_split, task_file
     from peft_mtl.inference.evaluate import predictions_from_outputs, score
-    from peft_mtl.inference.base_model import load_adapters
-    from peft_mtl.runtime import configure_threads, cpu_supports_bf16
+    from peft_mtl.inference.adapter_host import load_adapters
+    from peft_mtl.device import configure_threads, cpu_supports_bf16
 
     threads = configure_threads()
     fp32 = load_adapters(args.folder, precision="fp32", device="cpu")

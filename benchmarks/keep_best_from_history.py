@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peft_mtl.artifacts import write_json_atomic  # noqa: E402
 from peft_mtl.data.tasks import get_task  # noqa: E402
-from peft_mtl.inference.metrics import overall_score  # noqa: E402
+from peft_mtl.data.metrics import overall_score  # noqa: E402
 from peft_mtl.runs import read_manifest  # noqa: E402
 
 

@@ -9,7 +9,7 @@ from peft_mtl.data.loading import BatchStream
 from peft_mtl.training.optimization import TrainingStep, build_optimizer, build_scheduler
 from peft_mtl.training.regularizers import Objective
 from peft_mtl.model.backbone import *
-from peft_mtl.runtime import configure_threads
+from peft_mtl.device import configure_threads
 from pathlib import Path
 configure_threads()
 flags=sys.argv[1:]

@@ -86,7 +86,7 @@ def full_dev_accuracy(folder: Path, setting: str) -> float:
                                          resolve_backbone)
     from peft_mtl.data.loading import default_data_dir, encode_split, load_split, task_file
     from peft_mtl.inference.evaluate import predictions_from_outputs, score
-    from peft_mtl.inference.base_model import BaseModel
+    from peft_mtl.inference.adapter_host import AdapterHost
     from peft_mtl.data.tasks import get_task
 
     name, path = resolve_backbone(None)
@@ -94,7 +94,7 @@ def full_dev_accuracy(folder: Path, setting: str) -> float:
     encoder = load_quantized_encoder(path, quantize, for_training=False) if quantize else load_encoder(path)
     # Sets record the full-precision backbone's identity; the quantized encoder stands in for it.
     identity = backbone_identity(name, load_encoder(path))
-    base = BaseModel(encoder, load_tokenizer(path), identity, None, "fp32" if setting == "fp32" else "bf16")
+    base = AdapterHost(encoder, load_tokenizer(path), identity, None, "fp32" if setting == "fp32" else "bf16")
     base.load(folder, name="quantized")
     sst = get_task("sst")
     dev = encode_split(load_split(task_file(default_data_dir(), sst, "dev"), sst), base.tokenizer)

@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--out", default="reports")
     args = parser.parse_args()
 
-    from peft_mtl.runtime import cpu_supports_bf16
+    from peft_mtl.device import cpu_supports_bf16
 
     work = Path(tempfile.mkdtemp(prefix="peft_mtl_serve_"))
     token_file = work / "token"

@@ -22,7 +22,6 @@ __version__ = "0.1.0"
 # name -> module that defines it
 _EXPORTS = {
     "AdapterHost": "peft_mtl.inference.adapter_host",
-    "BaseModel": "peft_mtl.inference.adapter_host",
     "load_adapters": "peft_mtl.inference.adapter_host",
     "load_base": "peft_mtl.inference.adapter_host",
     "LoraSettings": "peft_mtl.model.lora_config",
@@ -34,17 +33,19 @@ _EXPORTS = {
     "register_task": "peft_mtl.data.tasks",
     "UserError": "peft_mtl.errors",
 }
-__all__ = sorted([*_EXPORTS, "train"])
+__all__ = sorted([*_EXPORTS, "BaseModel", "train"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
     from .data.tasks import TASKS, TaskSpec, get_task, register_task  # noqa: F401
     from .errors import UserError  # noqa: F401
-    from .inference.adapter_host import AdapterHost, BaseModel, load_adapters, load_base  # noqa: F401
+    from .inference.adapter_host import AdapterHost, load_adapters, load_base  # noqa: F401
     from .model.lora_config import LoraSettings  # noqa: F401
     from .training.config import SmartSettings, TrainConfig
 
 
 def __getattr__(name: str) -> Any:
+    if name == "BaseModel":  # deprecated alias for one release; the adapter host warns when asked
+        return importlib.import_module("peft_mtl.inference.adapter_host").__getattr__(name)
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'peft_mtl' has no attribute {name!r}")

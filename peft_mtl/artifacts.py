@@ -14,6 +14,11 @@ import torch
 from safetensors.torch import save_file
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under ``folder`` (a run's checkpoint folder left out)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and ".checkpoint" not in f.parts)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

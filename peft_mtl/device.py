@@ -17,15 +17,38 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
+import random
 import warnings
 
+import numpy as np
 import torch
 
 from .errors import UserError
+from .options import PRECISIONS
 
 # The device of the work running in this context (thread / asyncio task); threads that work
 # for a model (the server's model thread) start in a copy of their creator's context.
 _DEVICE: contextvars.ContextVar[torch.device] = contextvars.ContextVar("peft_mtl_device", default=torch.device("cpu"))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def configure_threads() -> int:
+    """Use every core we were given (torch defaults to physical cores, which can be fewer),
+    unless OMP_NUM_THREADS says otherwise (launchers set it so processes don't oversubscribe)."""
+    requested = os.environ.get("OMP_NUM_THREADS", "")
+    if requested.isdigit() and int(requested) > 0:
+        n = int(requested)
+    else:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
+    return n
 
 
 def resolve_device(spec: str | None = "auto") -> torch.device:
@@ -77,8 +100,8 @@ def resolve_precision(precision: str) -> str:
     """``auto`` → the fastest safe autocast precision of the current device: ``bf16``, ``fp16``
     (CUDA without bf16) or ``fp32``. An explicit bf16 on a CPU without native bf16 is honoured
     with a warning."""
-    if precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise UserError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be {', '.join(PRECISIONS)}, got {precision!r}")
     if on_cuda():
         if precision == "auto":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

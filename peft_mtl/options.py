@@ -13,11 +13,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import types
 import typing
 from typing import Any
 
 _MISSING = dataclasses.MISSING
+
+
+class Precision(str, enum.Enum):
+    """Compute precision of a run or a loaded set, declared once for flags, configs and dispatch.
+
+    ``auto`` resolves per device (peft_mtl.device.resolve_precision): bf16 where it is native,
+    fp16 + a gradient scaler on GPUs without bf16, fp32 otherwise."""
+
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+PRECISIONS = tuple(p.value for p in Precision)
 
 
 def option(default: Any = _MISSING, *, help: str, flag: str | None = None, choices: tuple | None = None,

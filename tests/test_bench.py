@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from peft_mtl import bench
+from peft_mtl.experiments import bench
 
 
 def _result(kind: str, native: bool, lora_vs_plain: float, date: str) -> dict:

@@ -88,7 +88,7 @@ def test_every_config_field_is_a_train_flag_and_flags_override_a_config_file(tmp
     """Flags are generated from the dataclasses: a new field is a new flag, named in errors."""
     import argparse
 
-    from peft_mtl.cli import _add_train_args, config_from_args
+    from peft_mtl.training.config import add_train_arguments as _add_train_args, config_from_args
     from peft_mtl.training.config import TrainConfig
     from peft_mtl.options import config_fields, flag_for
 

@@ -89,7 +89,7 @@ def test_a_lower_rank_keeps_the_closest_update_of_that_rank(trained_set, tmp_pat
     assert manifest["parameters"]["trainable"] == stored + heads == result.trainable
     assert manifest["compressed_from"]["ranks"] == result.ranks and manifest["metrics"] == {}
     assert manifest["train_seconds"] is None, "the source's training time is not the compressed set's"
-    from peft_mtl.report import _detail
+    from peft_mtl.experiments.report import _detail
 
     assert _detail(manifest) == "set cut to shared 3/sst 1/qqp 1/sts 1 by truncated SVD (peft-mtl compress), no training"
 

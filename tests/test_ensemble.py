@@ -194,7 +194,7 @@ def test_output_cache_reuses_member_outputs_exactly_and_misses_when_anything_cha
     a changed set file or different inputs are a miss, never a stale answer."""
     import shutil
 
-    from peft_mtl.inference.base_model import BaseModel
+    from peft_mtl.inference.adapter_host import AdapterHost
     from peft_mtl.inference.output_cache import OutputCache
 
     cache_dir = tmp_path / "cache"
@@ -208,7 +208,7 @@ def test_output_cache_reuses_member_outputs_exactly_and_misses_when_anything_cha
         raise AssertionError("a cached member was run again")
 
     with monkeypatch.context() as patched:
-        patched.setattr(BaseModel, "outputs", no_forward_pass)
+        patched.setattr(AdapterHost, "outputs", no_forward_pass)
         assert main(["ensemble", str(sets / "a"), str(sets / "b"), "--select", "greedy", *flags]) == 0
         greedy = capsys.readouterr()
         assert main(["ensemble", str(sets / "a"), str(sets / "b"), str(sets / "c"), *flags]) == 0

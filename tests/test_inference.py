@@ -138,7 +138,7 @@ def test_heads_only_set_loads_alone_and_beside_adapter_sets(tiny_backbone, small
 
 
 def test_sets_loaded_into_existing_lora_layers_predict_as_when_loaded_alone(trained, tiny_backbone, monkeypatch):
-    import peft_mtl.inference.base_model as inference
+    import peft_mtl.inference.adapter_host as inference
 
     used = []
     real = inference.load_adapter_into_existing_layers

@@ -120,12 +120,12 @@ def test_int8_on_a_gpu_is_a_clear_error(tiny_backbone):
     import torch
 
     if not torch.cuda.is_available():
-        from peft_mtl.inference.base_model import BaseModel
+        from peft_mtl.inference.adapter_host import AdapterHost
         from peft_mtl.model.backbone import backbone_identity, load_encoder, load_tokenizer
 
         encoder = load_encoder(tiny_backbone).to("meta")
         with pytest.raises(ValueError, match="int8 inference runs on the CPU"):
-            BaseModel(encoder, load_tokenizer(tiny_backbone), backbone_identity("tiny", load_encoder(tiny_backbone)),
+            AdapterHost(encoder, load_tokenizer(tiny_backbone), backbone_identity("tiny", load_encoder(tiny_backbone)),
                       None, "fp32", int8=True)
     else:
         with pytest.raises(ValueError, match="int8 inference runs on the CPU"):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from peft_mtl.training.losses import LOSSES, get_loss, register_loss
-from peft_mtl.inference.metrics import accuracy, overall_score, pearson
+from peft_mtl.data.losses import LOSSES, get_loss, register_loss
+from peft_mtl.data.metrics import accuracy, overall_score, pearson
 
 
 def test_dual_objective_is_one_vs_all_bce():

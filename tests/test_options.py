@@ -10,7 +10,7 @@ import torch
 
 from peft_mtl.model.backbone import load_tokenizer
 from peft_mtl.training.config import TrainConfig
-from peft_mtl.training.losses import get_loss
+from peft_mtl.data.losses import get_loss
 from peft_mtl.data.loading import BatchStream
 from peft_mtl.training.optimization import build_optimizer
 from peft_mtl.training.regularizers import Objective

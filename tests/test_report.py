@@ -7,7 +7,7 @@ import json
 import pytest
 
 from peft_mtl.cli import main
-from peft_mtl.report import pareto
+from peft_mtl.experiments.report import pareto
 from peft_mtl.training.train import train
 
 from .test_train import tiny_config
@@ -45,7 +45,7 @@ def test_report_from_runs_and_an_ensemble_is_deterministic(tiny_backbone, small_
 
 
 def test_runs_scored_on_part_of_the_dev_split_are_marked_and_kept_off_the_front(tmp_path):
-    from peft_mtl.report import Row, markdown
+    from peft_mtl.experiments.report import Row, markdown
 
     def row(name, score, partial):
         return Row(name=name, mode="lora", backbone="b", trainable=100, total=1000, bytes_on_disk=1,
@@ -56,7 +56,7 @@ def test_runs_scored_on_part_of_the_dev_split_are_marked_and_kept_off_the_front(
 
 
 def test_a_greedy_ensemble_is_reported_with_its_cross_fitted_scores(tmp_path):
-    from peft_mtl.report import ensemble_row
+    from peft_mtl.experiments.report import ensemble_row
 
     in_sample = {"sst": {"accuracy": 0.52}, "qqp": {"accuracy": 0.86}, "sts": {"pearson": 0.88}, "overall": 0.7800}
     honest = {"sst": {"accuracy": 0.48}, "qqp": {"accuracy": 0.85}, "sts": {"pearson": 0.86}}
@@ -77,7 +77,7 @@ def test_plot_labels_never_overlap_each_other_a_marker_or_the_legend_and_stay_in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from peft_mtl.report import MARKER_SIZE, Row, _label_without_overlaps, _marker_boxes
+    from peft_mtl.experiments.report import MARKER_SIZE, Row, _label_without_overlaps, _marker_boxes
 
     fig, ax = plt.subplots()
     ax.set_xscale("log")
@@ -121,7 +121,7 @@ def test_a_sweep_run_copied_elsewhere_is_listed_once_inside_its_seed_group(tiny_
 
 
 def test_the_reference_pipeline_is_listed_per_task_and_scored_together_but_never_on_the_front(tmp_path):
-    from peft_mtl.report import collect, markdown
+    from peft_mtl.experiments.report import collect, markdown
 
     dev = {"sst": ("accuracy", 0.60), "qqp": ("accuracy", 0.90), "sts": ("pearson", 0.80)}
     for task, (metric, value) in dev.items():
@@ -146,7 +146,7 @@ def test_the_hf_reference_script_runs_and_its_record_is_a_report_row(tiny_backbo
     import sys
     from pathlib import Path
 
-    from peft_mtl.report import collect
+    from peft_mtl.experiments.report import collect
 
     root = Path(__file__).parent.parent
     record = tmp_path / f"hf_baseline_{task}.json"
@@ -164,7 +164,7 @@ def test_the_hf_reference_script_runs_and_its_record_is_a_report_row(tiny_backbo
 def test_the_zoomed_panel_spreads_out_the_best_runs_and_names_the_main_rows():
     import matplotlib.pyplot as plt
 
-    from peft_mtl.report import ZOOM_POINTS, Row, figure
+    from peft_mtl.experiments.report import ZOOM_POINTS, Row, figure
 
     def row(name, trainable, overall, seeds=1, mode="lora"):
         return Row(name=name, mode=mode, backbone="b", trainable=trainable, total=10**8, bytes_on_disk=1,
@@ -188,7 +188,7 @@ def test_the_zoomed_panel_spreads_out_the_best_runs_and_names_the_main_rows():
 
 
 def test_a_rows_details_name_per_task_smart_and_the_distillation_teacher():
-    from peft_mtl.report import _detail
+    from peft_mtl.experiments.report import _detail
 
     manifest = {"mode": "lora", "tasks": ["sst", "qqp"],
                 "config": {"lora": {"rank": 16, "targets": "all-linear"}, "sampling": "uniform", "lr": 1e-3,
@@ -203,7 +203,7 @@ def test_a_rows_details_name_per_task_smart_and_the_distillation_teacher():
 def test_the_table_gives_every_run_its_budget_in_the_optimiser_steps_it_took(tiny_backbone, small_data, tmp_path):
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from peft_mtl.report import collect, markdown
+    from peft_mtl.experiments.report import collect, markdown
 
     taken = []
     hook = register_optimizer_step_post_hook(lambda *_: taken.append(1))
@@ -227,7 +227,7 @@ def test_the_table_gives_every_run_its_budget_in_the_optimiser_steps_it_took(tin
 
 
 def test_an_early_stopped_run_counts_only_its_epochs_and_a_combined_row_adds_its_parts_steps():
-    from peft_mtl.report import Row, add_up_parts, train_steps
+    from peft_mtl.experiments.report import Row, add_up_parts, train_steps
 
     manifest = {"config": {"batch_size": 32, "epochs": 4, "steps_per_epoch": None},
                 "train_examples": {"sst": 8544, "qqp": 16213, "sts": 6040}, "history": [{}, {}, {}, {}]}
@@ -251,7 +251,7 @@ def test_an_early_stopped_run_counts_only_its_epochs_and_a_combined_row_adds_its
 def test_the_budget_panel_places_trained_runs_at_their_steps_and_names_the_seed_groups():
     import matplotlib.pyplot as plt
 
-    from peft_mtl.report import Row, figure
+    from peft_mtl.experiments.report import Row, figure
 
     def row(name, steps, overall, mode="lora", grouped=True):
         return Row(name=name, mode=mode, backbone="b", trainable=2_000_000, total=10**8, bytes_on_disk=1,

@@ -10,7 +10,7 @@ import pytest
 from peft_mtl.cli import main
 from peft_mtl.training.config import ConfigError
 from peft_mtl.runs import MANIFEST
-from peft_mtl.training.sweep import compare, load_sweep
+from peft_mtl.experiments.sweep import compare, load_sweep
 
 
 def _sweep_file(path, tiny_backbone, small_data, recipes: dict, baseline="r2", seeds="[0, 1]"):
@@ -87,8 +87,9 @@ def test_a_sweep_trains_every_recipe_per_seed_and_reports_mean_and_sd(tiny_backb
 def test_a_run_under_auto_precision_counts_for_a_pinned_recipe_only_if_it_resolved_to_it(tmp_path, ran_as, counts):
     """Seeds of one row trained on different CPU kinds must share a precision: `auto` is fp32 on an
     AVX2 CPU and bf16 on one with native bf16, so a pinned recipe checks what `auto` became."""
-    from peft_mtl.cli import build_parser, config_from_args
-    from peft_mtl.training.sweep import Job, stale_runs
+    from peft_mtl.cli import build_parser
+    from peft_mtl.training.config import config_from_args
+    from peft_mtl.experiments.sweep import Job, stale_runs
 
     folder = tmp_path / "full" / "seed0"
     folder.mkdir(parents=True)

@@ -12,7 +12,7 @@ from peft_mtl import load_base
 from peft_mtl.cli import main
 from peft_mtl.training.config import ConfigError, TrainConfig
 from peft_mtl.data.loading import DataError, load_split
-from peft_mtl.inference.metrics import METRICS, overall_score
+from peft_mtl.data.metrics import METRICS, overall_score
 from peft_mtl.data.tasks import TASKS, TaskFileError, resolve_tasks, spec_from_file
 from peft_mtl.training.train import train
 

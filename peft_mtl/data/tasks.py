@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import UnknownName, UserError
+from .losses import LOSSES
+from .metrics import METRICS
 
 TaskKind = Literal["classification", "regression"]
 KINDS = ("classification", "regression")
@@ -183,9 +185,6 @@ def read_task_file(path: str | Path) -> dict:
 
 def spec_from_file(path: str | Path, builtin: bool = False) -> TaskSpec:
     """Validate a task file and build its spec (labels not yet inferred: see :func:`infer_labels`)."""
-    from ..training.losses import LOSSES
-    from ..inference.metrics import METRICS
-
     path = Path(path)
     data = read_task_file(path)
 
@@ -291,10 +290,11 @@ def is_task_file(item: str) -> bool:
     return Path(item).suffix in TASK_FILE_SUFFIXES
 
 
-def resolve_tasks(items: list[str], strict: bool = False) -> list[TaskSpec]:
-    """Built-in names and task-file paths → registered specs (labels inferred where absent).
+def read_tasks(items: list[str], strict: bool = False) -> list[TaskSpec]:
+    """Built-in names and task-file paths → specs (labels inferred where absent), registering nothing.
 
-    Two tasks with one name, or a file task named like a built-in, are errors naming the files.
+    Two tasks with one name, or a file task named like a task registered in code, are errors
+    naming the files.
     """
     specs: list[TaskSpec] = []
     seen: dict[str, str] = {}
@@ -311,9 +311,19 @@ def resolve_tasks(items: list[str], strict: bool = False) -> list[TaskSpec]:
         if spec.source is not None and existing is not None and existing.source is None and existing != spec:
             raise TaskFileError(f"{item}: field 'name': task {spec.name!r} is already registered in code; "
                                 f"give the task file another name")
-        # A file task replaces an earlier file task of its name (the file re-read or edited).
-        specs.append(register_task(spec, replace=existing is not None and existing.source is not None)
-                     if spec.source is not None else spec)
+        specs.append(spec)
+    return specs
+
+
+def resolve_tasks(items: list[str], strict: bool = False) -> list[TaskSpec]:
+    """:func:`read_tasks`, then every file task registered (so :func:`get_task` finds it by name).
+
+    A file task replaces an earlier file task of its name (the file re-read or edited)."""
+    specs = read_tasks(items, strict)
+    for spec in specs:
+        if spec.source is not None:
+            existing = TASKS.get(spec.name)
+            register_task(spec, replace=existing is not None and existing.source is not None)
     return specs
 
 

@@ -11,27 +11,35 @@ Combining (per task):
 
 Members can run one after another (k forward passes) or, with ``batched=True``, in one
 forward pass: the batch is repeated once per member and every LoRA layer applies each
-member's delta to its own block of rows with two batched matmuls (see ``stacked.py``).
+member's delta to its own block of rows with two batched matmuls (``lora_runtime.stacked_lora``).
+
+:func:`evaluate_ensemble` is what ``peft-mtl ensemble`` runs: members loaded on one host, each task
+scored with the members that have it, optional weight selection with its cross-fitted score.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..artifacts import folder_bytes, write_json_atomic
+from ..data.metrics import overall_score
 from ..errors import UserError
-from ..model import lora_runtime
 from ..data.loading import EncodedSplit, iterate_batches
-from .evaluate import predictions_from_outputs, probabilities
+from .evaluate import predictions_from_outputs, probabilities, score
 from .output_cache import OutputCache
-from ..model.heads import pool
-from .base_model import SEP, BaseModel
-from ..runtime import autocast
-from ..model.lora_runtime import stack_members, stacked_lora
+from .adapter_host import AdapterHost, format_predictions
+from ..device import autocast
+from ..model.lora_runtime import stacked_lora
 from ..data.tasks import TaskSpec
+
+logger = logging.getLogger(__name__)
 
 CLASSIFICATION_METHODS = ("mean", "vote")
 REGRESSION_METHODS = ("mean", "median")
@@ -85,7 +93,7 @@ def greedy_weights(task: TaskSpec, labels: np.ndarray, outputs: list[np.ndarray]
     improves the score or after ``max_rounds``. Returns how often each member was picked:
     its weight in :func:`combine` (0 = left out). Members may differ per task.
     """
-    from .metrics import METRICS
+    from ..data.metrics import METRICS
 
     rows = np.arange(len(labels)) if rows is None else rows
     metric = METRICS[task.primary_metric].fn
@@ -172,7 +180,7 @@ def cross_fitted_predictions(task: TaskSpec, labels: np.ndarray, outputs: list[n
     return predictions, chosen
 
 
-def member_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str],
+def member_outputs(base: AdapterHost, task: str, encoded: EncodedSplit, members: list[str],
                    batched: bool | None = None, batch_size: int = 128, progress: bool = False,
                    cache: OutputCache | None = None) -> list[np.ndarray]:
     """Raw outputs of every member on the same encoded inputs.
@@ -203,7 +211,7 @@ def member_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: l
     return [found[m] for m in members]
 
 
-def _can_batch(base: BaseModel, members: list[str]) -> bool:
+def _can_batch(base: AdapterHost, members: list[str]) -> bool:
     if base.int8 is not None:
         return False  # each member runs its own int8 graph
     for m in members:
@@ -215,50 +223,29 @@ def _can_batch(base: BaseModel, members: list[str]) -> bool:
     return True
 
 
-def routed_adapter(base: BaseModel, member: str, task: str) -> str:
+def routed_adapter(base: AdapterHost, member: str, task: str) -> str:
     """One peft adapter equal to the member's active combination for ``task`` (created once, on demand)."""
-    names = base.model.routing[f"{member}{SEP}{task}"]
-    if len(names) == 1:
-        return names[0]
-    combined = f"{member}{SEP}{task}{SEP}combined"
-    if combined not in base.model.encoder.peft_config:
-        lora_runtime.add_concatenated_adapter(base.model.encoder, names, combined)
-        base.sets[member].adapter_names.append(combined)
-        base.model.reset_routing()
-        base.model.eval()  # new peft modules start in training mode: their LoRA dropout would be live
-    return combined
+    return base.combined_adapter(member, task)
 
 
-def _batched_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members: list[str], batch_size: int,
+def _batched_outputs(base: AdapterHost, task: str, encoded: EncodedSplit, members: list[str], batch_size: int,
                      progress: bool) -> list[np.ndarray]:
-    spec = base.spec(task, members[0])
-    keys = [f"{m}{SEP}{task}" for m in members]
-    heads = [base.model.heads[key] for key in keys]
-    poolings = [base.model.head_pooling.get(key, "mean") for key in keys]
-    stacks = member_stacks(base, task, members)
+    stacks = base.stacked_factors(members, task)
     k = len(members)
     per_member: list[list[np.ndarray]] = [[] for _ in members]
     order = []
     # batch_size inputs per pass, as in a sequential pass, so each pass holds k copies of
     # them (capped so that a pass never holds more than MAX_BATCHED_ROWS rows).
     member_batch = max(1, min(batch_size, MAX_BATCHED_ROWS // k))
-    if base.model.training:  # eval() walks every module; a BaseModel stays in eval mode
-        base.model.eval()
     bar = tqdm(total=len(encoded), desc=f"ensemble {task}", disable=not progress, file=sys.stderr, leave=False)
     with torch.inference_mode(), autocast(base.precision), stacked_lora(stacks):
         for batch in iterate_batches(encoded, member_batch, None, base.pad_id):
             n = len(batch)
-            pooled_segments = []
-            for seg in batch.inputs:
-                stacked = {key: v.repeat(k, 1) for key, v in seg.items()}
-                pooled_segments.append(base.model.hidden_states(stacked))
-            for m in range(k):
+            segments = [base.hidden_states({key: v.repeat(k, 1) for key, v in seg.items()}) for seg in batch.inputs]
+            for m, member in enumerate(members):
                 rows = slice(m * n, (m + 1) * n)
-                pooled = [pool(h[rows], mask[rows], poolings[m]) for h, mask in pooled_segments]
-                out = heads[m](pooled)
-                if spec.kind == "regression":
-                    out = out.squeeze(-1)
-                per_member[m].append(out.float().cpu().numpy())
+                out = base.head_output(member, task, [(h[rows], mask[rows]) for h, mask in segments])
+                per_member[m].append(out.cpu().numpy())
             order.append(batch.indices)
             bar.update(n)
     bar.close()
@@ -272,17 +259,7 @@ def _batched_outputs(base: BaseModel, task: str, encoded: EncodedSplit, members:
     return results
 
 
-def member_stacks(base: BaseModel, task: str, members: list[str]) -> dict:
-    """The members' LoRA factors for ``task``, stacked once per (members, task) and cached."""
-    key = (tuple(members), task)
-    if key not in base.stack_cache:
-        dtype = torch.bfloat16 if base.precision == "bf16" else torch.float32
-        routes = [base.model.routing[f"{m}{SEP}{task}"] for m in members]
-        base.stack_cache[key] = stack_members(base.model.encoder, routes, dtype)
-    return base.stack_cache[key]
-
-
-def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters: str | None = None,
+def predict_mixed(base: AdapterHost, requests: list[tuple[str, object]], adapters: str | None = None,
                   ) -> list[dict]:
     """Serve requests for different tasks in one forward pass per encoded segment layout.
 
@@ -290,10 +267,9 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
     requests share one padded batch; each row is routed to its task's adapter.
     """
     from ..data.loading import encode_texts, pad_sequences
-    from .base_model import format_predictions
 
     name = adapters or base.active
-    aset = base._get(name)
+    aset = base.get(name)
     if aset.model is not None or aset.pair_encoding != "cross" or not aset.adapter_names:
         # A full model or bi-encoder has no per-row routing: answer task by task.
         return [base.predict(t, [x], name)[0] for t, x in requests]
@@ -303,25 +279,20 @@ def predict_mixed(base: BaseModel, requests: list[tuple[str, object]], adapters:
         rows.append(enc.segments[0][0])
         names.append(routed_adapter(base, name, t))  # outside inference mode: peft fills it in place
         tasks.append(t)
-    lora_runtime.route_rows(base.model.encoder, names)
-    base.model.reset_routing()
+    base.route_rows(names)
     inputs = pad_sequences(rows, base.pad_id)
     results: list[dict | None] = [None] * len(requests)
     with torch.inference_mode(), autocast(base.precision):
-        hidden, mask = base.model.hidden_states(inputs, adapter_names=names)
+        hidden, mask = base.hidden_states(inputs, adapter_names=names)
         for t in dict.fromkeys(tasks):
             idx = [i for i, task in enumerate(tasks) if task == t]
-            key = f"{name}{SEP}{t}"
-            pooled = pool(hidden[idx], mask[idx], base.model.head_pooling.get(key, "mean"))
-            out = base.model.heads[key]([pooled]).float()
-            if base.spec(t, name).kind == "regression":
-                out = out.squeeze(-1)
+            out = base.head_output(name, t, [(hidden[idx], mask[idx])])
             for i, pred in zip(idx, format_predictions(base.spec(t, name), out.cpu().numpy())):
                 results[i] = pred
     return results  # type: ignore[return-value]
 
 
-def ensemble_predict(base: BaseModel, task: str, inputs, members: list[str], weights: list[float] | None = None,
+def ensemble_predict(base: AdapterHost, task: str, inputs, members: list[str], weights: list[float] | None = None,
                      method: str = "mean", batched: bool | None = None) -> list[dict]:
     """Ensemble prediction for raw inputs: ``{"label", "probabilities"}`` or ``{"score"}`` per input."""
     spec = base.spec(task, members[0])
@@ -331,3 +302,143 @@ def ensemble_predict(base: BaseModel, task: str, inputs, members: list[str], wei
         return [{"label": spec.label_of(int(p.argmax())), "probabilities": [round(float(x), 6) for x in p]}
                 for p in combined]
     return [{"score": float(s)} for s in ensemble_predictions(spec, combined)]
+
+
+# -- scoring an ensemble of saved sets (peft-mtl ensemble) ---------------------------------
+
+SELECTION_METHODS = {
+    "greedy": "greedy forward selection with replacement (Caruana et al. 2004)",
+    "bagged": "bagged greedy selection (Caruana et al. 2004, section 4.3): 20 bags, each of a random half of the "
+              "members, selection with replacement initialised with the bag's 3 best members; bag ensembles averaged",
+}
+
+
+@dataclass
+class EnsembleSettings:
+    """How ``peft-mtl ensemble`` combines and scores its members (flags of the same names)."""
+
+    method: str = "mean"  # classification: mean | vote
+    regression_method: str = "mean"  # mean | median
+    weights: list[float] | None = None  # one per member folder, same for every task
+    select: str = "all"  # all | greedy | bagged: weights chosen per task on the split itself
+    batched: bool | None = None  # one stacked pass for all members (None: when it pays)
+    split: str = "dev"
+    data_dir: str | None = None
+    strict: bool = False
+    cache_dir: str | None = None  # member outputs kept on disk, keyed by set and inputs
+    progress: bool = False
+
+
+def evaluate_ensemble(folders: list[Path], settings: EnsembleSettings, backbone: str | None = None,
+                      precision: str = "auto", device: str = "auto", int8: bool = False,
+                      ) -> tuple[dict, AdapterHost, list[str]]:
+    """Score an ensemble of saved sets on one backbone; returns (result, host, member names).
+
+    Every task some member has is scored with the members that have it (single-task sets
+    combine into one multi-task ensemble). The result holds each task's metrics and the
+    overall score; with ``select`` it also holds the chosen weights and their cross-fitted
+    score (weights chosen on one half of the split, scored on the other)."""
+    from ..runs import read_manifest
+    from .adapter_host import load_base
+    from .scoring import load_eval_splits
+
+    if len(folders) < 2:
+        raise UserError("an ensemble needs at least two adapter-set folders")
+    if settings.weights is not None and settings.select != "all":
+        raise UserError(f"--weights conflicts with --select {settings.select}: selection sets the weights per task")
+    host = load_base(backbone or read_manifest(folders[0]).get("backbone_source"), precision=precision,
+                     device=device, int8=int8)
+    names = [host.load(f, name=f"m{i}") for i, f in enumerate(folders)]
+    if settings.weights is not None and len(settings.weights) != len(names):
+        raise UserError(f"--weights: {len(settings.weights)} weights for {len(names)} members; give one per folder")
+    tasks = list(dict.fromkeys(t for n in names for t in host.get(n).tasks))
+    # Members tokenised differently (max length, cross vs bi encoding) each get their own encoding.
+    layouts = {n: (host.get(n).max_length, host.get(n).pair_encoding) for n in names}
+    encodings: dict = {}
+
+    def split_for(task: str, member: str) -> EncodedSplit:
+        key = (layouts[member], task)
+        if key not in encodings:
+            encodings[key] = load_eval_splits(host, member, [task], settings.data_dir, settings.split,
+                                              settings.strict)[task]
+        return encodings[key]
+
+    cache = OutputCache(settings.cache_dir) if settings.cache_dir else None
+    result, members_result, selection = {}, {n: {} for n in names}, {}
+    for t in tasks:
+        members = [n for n in names if t in host.get(n).tasks]
+        enc = split_for(t, members[0])
+        if len({layouts[m] for m in members}) == 1:
+            outs = member_outputs(host, t, enc, members, batched=settings.batched, progress=settings.progress,
+                                  cache=cache)
+        else:
+            outs = [member_outputs(host, t, split_for(t, m), [m], cache=cache)[0] for m in members]
+        for n, o in zip(members, outs):
+            members_result[n][t] = score(enc, predictions_from_outputs(enc.task, o))
+        method = settings.method if enc.task.kind == "classification" else settings.regression_method
+        weights = [settings.weights[names.index(m)] for m in members] if settings.weights is not None else None
+        if settings.select != "all":
+            weights, selection[t] = _select(enc, outs, method, settings.select, [str(folders[names.index(m)])
+                                                                                  for m in members])
+        result[t] = score(enc, ensemble_predictions(enc.task, combine(enc.task.kind, outs, weights, method)))
+    primary = {t: host.spec(t, next(n for n in names if t in host.get(n).tasks)).primary_metric for t in tasks}
+    overall = overall_score(result, primary)
+    if overall is not None:
+        result["overall"] = overall
+    if selection:
+        honest_overall = overall_score({t: v["cross_fitted"] for t, v in selection.items()}, primary)
+        result["selection"] = {"method": SELECTION_METHODS[settings.select] + "; selected and scored on the same "
+                                         "split; cross_fitted: weights chosen on one half, scored on the other",
+                               "tasks": selection, "cross_fitted_overall": honest_overall}
+    _log_members(folders, names, members_result, primary, cache)
+    return result, host, names
+
+
+def _select(enc: EncodedSplit, outs: list[np.ndarray], method: str, select: str, member_folders: list[str]
+            ) -> tuple[list[float], dict]:
+    """Weights chosen by ``select`` on the split, and the record of that choice with its cross-fitted score."""
+    weights = SELECTORS[select](enc.task, enc.labels, outs, method=method)
+    honest, folds = cross_fitted_predictions(enc.task, enc.labels, outs, method, select=select)
+    honest_scores = score(enc, honest)
+    logger.info(f"{select} {enc.task.name}: " + ", ".join(f"{f} ×{w:g}" for f, w in zip(member_folders, weights) if w)
+                + f" | cross-fitted {enc.task.primary_metric} {honest_scores[enc.task.primary_metric]:.4f}")
+    return weights, {"weights": dict(zip(member_folders, weights)), "cross_fitted": honest_scores,
+                     "fold_weights": [dict(zip(member_folders, f)) for f in folds]}
+
+
+def _log_members(folders: list[Path], names: list[str], members_result: dict, primary: dict,
+                 cache: OutputCache | None) -> None:
+    for n, f in zip(names, folders):
+        if not members_result[n]:
+            continue
+        o = overall_score(members_result[n], primary)
+        shown = " ".join(f"{t} {k} {v:.4f}" for t, m in members_result[n].items() for k, v in m.items())
+        logger.info(f"member {f}: {shown}" + (f" overall {o:.4f}" if o is not None else ""))
+    if cache is not None:
+        logger.info(f"output cache {cache.root}: {cache.hits} member outputs reused, {cache.misses} computed")
+
+
+def write_ensemble_record(path: Path, folders: list[Path], host: AdapterHost, names: list[str], result: dict,
+                          settings: EnsembleSettings, command: str | None) -> None:
+    """The ensemble as a report row: members, metrics, selection, parameters, bytes and train time."""
+    result = dict(result)
+    selection = result.pop("selection", None)
+    if selection:  # members with weight 0 on every task cost nothing: leave them out of the record's size
+        used = {f for task in selection["tasks"].values() for f, w in task["weights"].items() if w}
+        keep = [i for i, f in enumerate(folders) if str(f) in used]
+        folders, names = [folders[i] for i in keep], [names[i] for i in keep]
+    manifests = [host.get(n).manifest for n in names]
+    trainable = sum(m["parameters"]["trainable"] for m in manifests)
+    backbone_only = manifests[0]["parameters"]["total"] - manifests[0]["parameters"]["trainable"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {
+        "members": [str(f) for f in folders],
+        "tasks": {t: [str(f) for f, n in zip(folders, names) if t in host.get(n).tasks]
+                  for t in result if t not in ("overall", "selection")},
+        "method": settings.method, "regression_method": settings.regression_method,
+        "weights": ",".join(f"{w:g}" for w in settings.weights) if settings.weights else None,
+        "split": settings.split, "metrics": result, "selection": selection,
+        "backbone": manifests[0]["backbone"]["name"], "trainable": trainable, "total": backbone_only + trainable,
+        "bytes_on_disk": sum(folder_bytes(f) for f in folders),
+        "train_seconds": sum(m.get("train_seconds") or 0 for m in manifests),
+        "command": command})

@@ -9,8 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.loading import EncodedSplit, iterate_batches
-from .metrics import METRICS
-from ..runtime import autocast
+from ..data.metrics import METRICS
+from ..device import autocast
 from ..data.tasks import TaskSpec
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..artifacts import atomic_folder, write_json_atomic
-from ..model.heads import pool
+from ..model.heads import apply_head
 
 PROBES = ["a gorgeous, witty, seductive movie.", "the plot is dull and the acting is worse.", "it is a film.",
           "an ambitious, sprawling and ultimately rewarding story about growing up in a small town."]
@@ -55,27 +55,25 @@ class TaskGraph(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         extra = {"token_type_ids": token_type_ids} if self.token_types else {}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        out = self.head([pool(hidden, attention_mask, self.pooling)])
-        return out.squeeze(-1) if self.kind == "regression" else out
+        return apply_head(self.head, [(hidden, attention_mask)], self.pooling, self.kind)
 
 
 def merged_encoder(base, set_name: str, task: str) -> nn.Module:
     """A plain (peft-free) copy of the backbone with ``task``'s active LoRA deltas added to its weights."""
     from ..model.backbone import load_encoder, resolve_backbone
-    from .base_model import SEP
 
-    aset = base.sets[set_name]
+    aset = base.get(set_name)
     if aset.model is not None:  # full fine-tuning: its own encoder already holds everything
         return aset.model.encoder
     _, path = resolve_backbone(base.source)
     encoder = load_encoder(path, attn_implementation="eager")
-    names = base.model.routing.get(f"{set_name}{SEP}{task}", [])
+    names = base.routing(set_name, task)
     if not names:
         return encoder
     from ..model import lora_runtime
 
     try:
-        deltas = lora_runtime.merged_deltas(base.model.encoder, names)
+        deltas = lora_runtime.merged_deltas(base.encoder, names)
     except ValueError:
         raise ExportError(f"set {set_name!r} uses DoRA, which this exporter does not merge; "
                           f"export a plain LoRA set") from None
@@ -102,7 +100,7 @@ FORMATS = ("onnx", "openvino")
 def export_set(folder: str | Path, out: str | Path, fmt: str = "onnx", int8: bool = False,
                backbone: str | None = None, overwrite: bool = False, opset: int = 17) -> dict:
     """Export every task of the set in ``folder`` to ``out``; returns the export record."""
-    from .base_model import load_base
+    from .adapter_host import load_base
     from ..runs import read_manifest
 
     if fmt not in FORMATS:
@@ -149,10 +147,9 @@ def export_task(base, name: str, task: str, directory: Path, fmt: str = "onnx", 
         raise ExportError(f"{aset.folder}: bi-encoded sets (--pair-encoding bi) are not exported yet; "
                           f"cross-encoded ones are")
     spec = base.spec(task, name)
-    key = task if aset.model is not None else f"{name}__{task}"
-    owner = aset.model or base.model
-    head = owner.heads[key]
-    pooling = owner.head_pooling.get(key, aset.model.pooling if aset.model else "mean")
+    owner = base.owner(name)
+    head = owner.heads[base.head_key(name, task)]
+    pooling = base.pooling(name, task)
     token_types = owner.uses_token_types
     graph = TaskGraph(merged_encoder(base, name, task), head, pooling, spec.kind, token_types).eval()
     probes, enc, batch, names = _inputs(base, spec, aset.max_length, aset.pair_encoding, token_types)

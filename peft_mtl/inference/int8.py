@@ -50,7 +50,7 @@ def set_digest(folder: Path, backbone: str, task: str) -> str:
 
 
 class Int8Runtime:
-    """int8 ONNX Runtime sessions for the (set, task) pairs of one :class:`~peft_mtl.inference.BaseModel`."""
+    """int8 ONNX Runtime sessions for the (set, task) pairs of one :class:`~peft_mtl.inference.AdapterHost`."""
 
     def __init__(self, threads: int, max_sessions: int = 16, cache: Path | None = None):
         try:
@@ -68,7 +68,7 @@ class Int8Runtime:
             del self.sessions[key]
 
     def outputs(self, base, set_name: str, task: str, encoded, batch_size: int = 128) -> np.ndarray:
-        """Raw head outputs of ``task`` for ``encoded`` inputs, in their order (like ``BaseModel.outputs``)."""
+        """Raw head outputs of ``task`` for ``encoded`` inputs, in their order (like ``AdapterHost.outputs``)."""
         from ..data.loading import iterate_batches
 
         session, names = self._session(base, set_name, task)

@@ -32,6 +32,16 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     raise UserError(f"unknown pooling {pooling!r}; use one of {POOLINGS}")
 
 
+def apply_head(head: nn.Module, segments: list[tuple[torch.Tensor, torch.Tensor]], pooling: str, kind: str
+               ) -> torch.Tensor:
+    """The head step every path shares: pool each ``(hidden, mask)`` segment, apply ``head``,
+    drop the last axis for regression; fp32 logits ``(B, C)`` or scores ``(B,)``."""
+    out = head([pool(hidden, mask, pooling) for hidden, mask in segments])
+    if kind == "regression":
+        out = out.squeeze(-1)
+    return out.float()
+
+
 class TaskHead(nn.Module):
     """Dropout + linear layer on one pooled vector (or on ``[u, v, |u-v|]`` for bi-encoded pairs)."""
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import lora_runtime
 from .adapters import SHARED_ADAPTER, activate
-from .heads import pool
+from .heads import apply_head, pool
 from ..data.tasks import get_task
 
 
@@ -150,13 +150,12 @@ class MultiTaskModel(nn.Module):
     def forward(self, key: str, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """Outputs of head ``key``: logits ``(B, C)``, or scores ``(B,)`` for regression."""
         self.use_task(key)
-        pooling = self.head_pooling.get(key, self.pooling)
-        pooled = [self.encode(segment, pooling) for segment in inputs]
-        out = self.heads[key](pooled)
+        return self.head_output(key, [self.hidden_states(segment) for segment in inputs])
+
+    def head_output(self, key: str, segments: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Head ``key`` on already encoded ``(hidden, mask)`` segments (see :func:`heads.apply_head`)."""
         spec = self.head_specs.get(key) or get_task(self.head_tasks[key])
-        if spec.kind == "regression":
-            out = out.squeeze(-1)
-        return out.float()
+        return apply_head(self.heads[key], segments, self.head_pooling.get(key, self.pooling), spec.kind)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trainable tensors that every task's loss reaches (what PCGrad operates on).

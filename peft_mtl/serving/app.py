@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..inference.base_model import BaseModel
+from ..inference.adapter_host import AdapterHost
 from ..runs import AdapterError
 from .schemas import EnsembleRequest, EnsembleResponse, LoadRequest, PredictRequest, PredictResponse
 from .worker import BatchStats, CallJob, PredictJob, UnknownName, Worker
@@ -85,7 +85,7 @@ async def _send_json(send, status: int, body: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-def create_app(base: BaseModel, config: ServeConfig | None = None):
+def create_app(base: AdapterHost, config: ServeConfig | None = None):
     """The FastAPI application serving ``base``'s loaded sets (its worker thread starts now)."""
     from fastapi import FastAPI, Header, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
@@ -187,7 +187,7 @@ def create_app(base: BaseModel, config: ServeConfig | None = None):
         names = [known_set(s) for s in req.sets]
         inputs = [x if isinstance(x, str) else tuple(x) for x in req.inputs]
 
-        def call(b: BaseModel):
+        def call(b: AdapterHost):
             for n in names:
                 if req.task not in b.sets[n].tasks:
                     raise UnknownName(f"set {n!r} has no task {req.task!r}; it has {', '.join(b.sets[n].tasks)}")

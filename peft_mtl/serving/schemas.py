@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import AdapterHost, Field
 
 
-class PredictRequest(BaseModel):
+class PredictRequest(AdapterHost):
     set: str | None = Field(None, description="a loaded set (default: the first one loaded)")
     task: str = Field(..., description="a task of that set")
     inputs: list[str | list[str]] = Field(..., description="sentences, or [first, second] pairs for pair tasks")
 
 
-class EnsembleRequest(BaseModel):
+class EnsembleRequest(AdapterHost):
     sets: list[str] = Field(..., min_length=2, description="loaded sets that share the task")
     task: str
     inputs: list[str | list[str]]
@@ -19,24 +19,24 @@ class EnsembleRequest(BaseModel):
     weights: list[float] | None = Field(None, description="one weight per set (default: equal)")
 
 
-class LoadRequest(BaseModel):
+class LoadRequest(AdapterHost):
     name: str = Field(..., description="the name requests will use")
     folder: str = Field(..., description="a folder written by `peft-mtl train`, under --sets-root")
 
 
-class Prediction(BaseModel):
+class Prediction(AdapterHost):
     label: str | int | None = Field(None, description="classification: the class name (or index)")
     probabilities: list[float] | None = Field(None, description="classification: one per class, in label order")
     score: float | None = Field(None, description="regression: the predicted value")
 
 
-class PredictResponse(BaseModel):
+class PredictResponse(AdapterHost):
     predictions: list[Prediction]
     set: str
     task: str
 
 
-class EnsembleResponse(BaseModel):
+class EnsembleResponse(AdapterHost):
     predictions: list[Prediction]
     sets: list[str]
     task: str

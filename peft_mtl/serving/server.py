@@ -23,7 +23,7 @@ def serve(sets: list[str], host: str = "127.0.0.1", port: int = 8000, config: Se
     """Load ``sets`` on one backbone and serve them until interrupted (SIGINT/SIGTERM)."""
     import uvicorn
 
-    from ..inference.base_model import load_base
+    from ..inference.adapter_host import load_base
     from ..runs import read_manifest
 
     parsed = [parse_set(s) for s in sets]

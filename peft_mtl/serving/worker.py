@@ -23,10 +23,9 @@ from typing import Any, Callable
 import torch
 
 from ..data.loading import pad_sequences
-from ..model.heads import pool
-from ..inference.base_model import SEP, BaseModel, format_predictions
-from ..runtime import autocast
-from ..model.lora_runtime import RowGroup, combination_factors, grouped_lora
+from ..inference.adapter_host import AdapterHost, format_predictions
+from ..device import autocast
+from ..model.lora_runtime import RowGroup, grouped_lora
 
 
 class UnknownName(LookupError):
@@ -50,7 +49,7 @@ class PredictJob:
 class CallJob:
     """Anything else that must run on the model's thread (ensembles, load, unload)."""
 
-    fn: Callable[[BaseModel], Any]
+    fn: Callable[[AdapterHost], Any]
     rows: int = 0
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
@@ -66,7 +65,7 @@ class BatchStats:
 class Worker:
     """Owns ``base``; ``submit`` is thread-safe; ``on_batch`` sees every coalesced batch."""
 
-    def __init__(self, base: BaseModel, max_batch: int = 32, max_wait_ms: float = 5.0,
+    def __init__(self, base: AdapterHost, max_batch: int = 32, max_wait_ms: float = 5.0,
                  on_batch: Callable[[BatchStats], None] | None = None):
         self.base, self.max_batch, self.max_wait = base, max(1, max_batch), max(0.0, max_wait_ms) / 1000
         self.on_batch = on_batch or (lambda stats: None)
@@ -197,14 +196,6 @@ class Worker:
             return UnknownName(f"set {job.set!r} has no task {job.task!r}; it has {', '.join(aset.tasks)}")
         return None
 
-    def _factors(self, name: str, task: str) -> dict:
-        key = ("group", name, task)
-        cache = self.base.stack_cache  # cleared by the base on every load and unload
-        if key not in cache:
-            names = self.base.model.routing.get(f"{name}{SEP}{task}", [])
-            cache[key] = combination_factors(self.base.model.encoder, names) if names else {}
-        return cache[key]
-
     @torch.inference_mode()
     def _grouped_pass(self, jobs: list[PredictJob]) -> list[list[dict]]:
         """Every job's predictions from as few encoder passes as pay: rows grouped by (set, task),
@@ -232,19 +223,14 @@ class Worker:
             for i, job_rows in zip(members, encoded):
                 spans[i] = (len(rows), len(rows) + len(job_rows))
                 rows.extend(job_rows)
-            groups.append((name, task, members, RowGroup(start, len(rows), self._factors(name, task))))
+            groups.append((name, task, members, RowGroup(start, len(rows), base.group_factors(name, task))))
         inputs = pad_sequences(rows, base.pad_id)
-        with autocast(base.precision), grouped_lora(base.model.encoder, [g for _, _, _, g in groups]):
-            hidden, mask = base.model.hidden_states(inputs)
+        with autocast(base.precision), grouped_lora(base.encoder, [g for _, _, _, g in groups]):
+            hidden, mask = base.hidden_states(inputs)
         for name, task, members, group in groups:
-            key = f"{name}{SEP}{task}"
-            pooled = pool(hidden[group.start:group.end], mask[group.start:group.end],
-                          base.model.head_pooling.get(key, "mean"))
-            out = base.model.heads[key]([pooled]).float()
-            spec = base.spec(task, name)
-            if spec.kind == "regression":
-                out = out.squeeze(-1)
-            predictions = format_predictions(spec, out.cpu().numpy())
+            rows = slice(group.start, group.end)
+            out = base.head_output(name, task, [(hidden[rows], mask[rows])])
+            predictions = format_predictions(base.spec(task, name), out.cpu().numpy())
             for i in members:
                 s, e = spans[i]
                 results[i] = predictions[s - group.start:e - group.start]

@@ -7,19 +7,26 @@ the flag a user typed (``--pcgrad``), not an internal field name.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import os
+import shlex
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..data.losses import LOSSES
+from ..data.tasks import TASKS, is_task_file, read_task_file, read_tasks
 from ..model.lora_config import LoraSettings
-from ..options import differences, flag_for, option
+from ..options import (PRECISIONS, add_config_arguments, apply_overrides, differences, flag_for, option,
+                       overrides_from_args)
+from .sampling import SAMPLERS
 
 MODES = ("lora", "heads", "full")
 PAIR_ENCODINGS = ("cross", "bi")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SMART_PRECISIONS = ("fp32", "train")
 
 # Fields that say how a run is watched or stored, not what it computes: a resumed run may
@@ -163,10 +170,10 @@ class TrainConfig:
     trace_dir: str | None = option(None, help="write rankN.jsonl: the tasks and data rows of every step")
 
     def validate(self) -> "TrainConfig":
-        """Check every field and every combination; raise ConfigError naming the flags."""
-        from .losses import LOSSES
-        from .sampling import SAMPLERS
-        from ..data.tasks import TASKS, is_task_file, resolve_tasks
+        """Check every field and every combination; raise ConfigError naming the flags.
+
+        Pure: task files are read but not registered (:func:`peft_mtl.data.tasks.resolve_tasks`
+        does that when a run is prepared)."""
 
         def flag(path: str) -> str:
             return flag_for(TrainConfig, path)
@@ -182,7 +189,7 @@ class TrainConfig:
                               f"path/to/task.yaml)")
         if len(set(self.tasks)) != len(self.tasks):
             fail("tasks", "a task is listed twice")
-        names = [spec.name for spec in resolve_tasks(self.tasks, self.strict_data)]
+        names = [spec.name for spec in read_tasks(self.tasks, self.strict_data)]
         for path, allowed in (("mode", MODES), ("pair_encoding", PAIR_ENCODINGS), ("pooling", ("mean", "cls")),
                               ("precision", PRECISIONS), ("smart.norm", ("inf", "l2")),
                               ("smart.precision", SMART_PRECISIONS), ("smart.projection", ("ball", "normalize"))):
@@ -304,15 +311,7 @@ class TrainConfig:
 
 
 def get_task_file_name(path: str) -> str:
-    from ..data.tasks import read_task_file
-
     return str(read_task_file(path).get("name"))
-
-
-def is_task_file(item: str) -> bool:
-    from ..data.tasks import is_task_file as check
-
-    return check(item)
 
 
 def _build(cls, data: dict[str, Any], prefix: str):
@@ -360,3 +359,46 @@ def _check_type(value, hint, name: str):
     if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         return value
     raise ConfigError(f"config field {name!r}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+# -- the command line's view of a config ----------------------------------------------------
+
+# Which argparse group each config field's flag is shown in (by dotted-path prefix).
+TRAIN_GROUPS = {"lora.": "LoRA", "smart.": "regularisation (SMART, Bregman)"}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as a flag (generated: see peft_mtl.options), plus run control."""
+    add_config_arguments(parser, TrainConfig, TRAIN_GROUPS)
+    parser.add_argument("--config", default=None, help="JSON file with TrainConfig fields; flags given override it")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same flags)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from ``--config`` (or the defaults), overridden by the flags given."""
+    if args.config:
+        try:
+            cfg = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{args.config}: cannot read the config ({err})") from None
+    else:
+        cfg = TrainConfig()
+    overrides = overrides_from_args(args, TrainConfig)
+    if "out" not in overrides and not args.config:
+        raise ConfigError("--out: say where the adapter set goes (e.g. --out runs/sst)")
+    apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+def config_from_flags(flags: list[str]) -> TrainConfig:
+    """The TrainConfig that ``peft-mtl train FLAGS`` would run (a sweep's recipes are flag lists)."""
+    parser = argparse.ArgumentParser(prog="peft-mtl train", add_help=False)
+    add_train_arguments(parser)
+    try:
+        args, extras = parser.parse_known_args(flags)
+    except SystemExit:
+        raise ConfigError(f"`peft-mtl train` rejects these flags: {shlex.join(flags)}") from None
+    if extras:
+        raise ConfigError(f"unknown train flags {extras}")
+    return config_from_args(args)

@@ -144,7 +144,7 @@ def load_teacher(source: str | Path, raw_splits: dict[str, LoadedSplit], student
                  cache_dir: str | Path | None = None, top_members: int = 0, progress: bool = False,
                  log: Callable[[str], None] = logging.getLogger(__name__).info) -> Teacher:
     """The teacher's combined outputs on every row of ``raw_splits`` (the student's training rows, in order)."""
-    from ..inference.base_model import load_base
+    from ..inference.adapter_host import load_base
     from ..inference.ensemble import combine, member_outputs
     from ..inference.output_cache import OutputCache
     from ..runs import read_manifest

@@ -27,7 +27,7 @@ from .. import device
 from .config import TrainConfig
 from ..model.kernels import all_dropout_pairable
 from .distill import Teacher, distillation_loss
-from .losses import get_loss
+from ..data.losses import get_loss
 from ..device import autocast
 from .smart import BregmanProximal, smart_random_paired, smart_regularizer
 from ..data.tasks import TaskSpec, get_task

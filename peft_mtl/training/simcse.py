@@ -42,7 +42,7 @@ def run_simcse(model, cfg, train: dict, precision: str, pad_id: int, progress: b
 
     from ..model.adapters import SHARED_ADAPTER, activate
     from ..data.loading import length_grouped_batches, pad_sequences
-    from ..runtime import autocast
+    from ..device import autocast
 
     sentences = [sentence for split in train.values() for seg in split.segments for sentence in seg]
     rng = np.random.default_rng([cfg.seed, 0x51C])

@@ -41,16 +41,16 @@ from .warm_start import load_initial_weights
 from ..data.loading import BatchStream, EncodedSplit, LoadedSplit, default_data_dir, encode_split, load_split, task_file
 from .distributed import Dist, setup as setup_distributed
 from ..inference.evaluate import evaluate_sharded
-from ..inference.metrics import overall_score, primary_score
+from ..data.metrics import overall_score, primary_score
 from ..model.multitask import MultiTaskModel, build_model
 from .optimization import NonFiniteLoss, TrainingStep, build_optimizer, build_scheduler
 from .pcgrad import PCGrad
 from .regularizers import Objective
 from ..runs import save_run
-from ..runtime import configure_threads, resolve_precision, seed_everything
+from ..device import configure_threads, resolve_precision, seed_everything
 from .sampling import task_schedule
 from .simcse import run_simcse
-from ..data.tasks import get_task
+from ..data.tasks import get_task, resolve_tasks
 
 __all__ = ["TrainingError", "train", "prepare", "load_task_data", "check_output_folder", "build_model", "summary_line"]
 
@@ -184,6 +184,7 @@ class Run:
 def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     """Backbone, data, model, optimiser, objective, streams — and the checkpoint if resuming."""
     out = Path(cfg.out)
+    resolve_tasks(cfg.tasks, cfg.strict_data)  # file tasks become known by name (get_task)
     dist = setup_distributed()
     if dist.is_main:
         check_output_folder(out, cfg.overwrite, resume)

@@ -25,8 +25,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .artifacts import write_json_atomic
-from .model import lora_runtime
+from ..artifacts import write_json_atomic
+from ..model import lora_runtime
 
 
 _T0 = time.perf_counter()
@@ -112,21 +112,21 @@ def step_flops(step: Callable[[], None]) -> float:
 
 
 def _our_training_step(cfg, splits, batch_size: int, steps: int, seed: int = 0):
-    from .model.backbone import load_encoder, resolve_backbone
-    from .data.loading import BatchStream
-    from .model.multitask import build_model
-    from .training.optimization import TrainingStep, build_optimizer, build_scheduler
-    from .training.regularizers import Objective
-    from .runtime import resolve_precision
+    from ..model.backbone import load_encoder, resolve_backbone
+    from ..data.loading import BatchStream
+    from ..model.multitask import build_model
+    from ..training.optimization import TrainingStep, build_optimizer, build_scheduler
+    from ..training.regularizers import Objective
+    from ..device import resolve_precision
 
     torch.manual_seed(seed)
     _, path = resolve_backbone(cfg.backbone)
     encoder = load_encoder(path)
     if cfg.backbone_dropout is not None:
-        from .model.backbone import set_dropout
+        from ..model.backbone import set_dropout
 
         set_dropout(encoder, cfg.backbone_dropout)
-    from .device import current
+    from ..device import current
 
     model = build_model(cfg, encoder, encoder.config.hidden_size).to(current())
     model.train()
@@ -149,13 +149,13 @@ def _our_training_step(cfg, splits, batch_size: int, steps: int, seed: int = 0):
 
 
 def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int = 5, quick: bool = False) -> dict:
-    from .model.backbone import load_tokenizer, resolve_backbone
-    from .training.config import TrainConfig
-    from .data.loading import default_data_dir, encode_split, load_split, task_file
-    from .runtime import configure_threads, resolve_precision
-    from .data.tasks import get_task
+    from ..model.backbone import load_tokenizer, resolve_backbone
+    from ..training.config import TrainConfig
+    from ..data.loading import default_data_dir, encode_split, load_split, task_file
+    from ..device import configure_threads, resolve_precision
+    from ..data.tasks import get_task
 
-    from .device import resolve_device, use_device
+    from ..device import resolve_device, use_device
 
     started = time.perf_counter()
     threads = configure_threads()
@@ -170,7 +170,7 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
     train_enc = encode_split(train_split, tokenizer)
     dev_enc = encode_split(dev_split, tokenizer)
     batch = 32
-    from .device import cpu_supports_bf16, name as device_name
+    from ..device import cpu_supports_bf16, name as device_name
 
     result: dict = {"machine": {"threads": threads, "precision": precision, "backbone": name,
                                 "torch": torch.__version__, "device": device_name(),
@@ -300,13 +300,13 @@ def _plain_hf(path: Path, tokenizer, train_split, dev_split, steps: int, repeats
 
 
 def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members: int, repeats: int, quick: bool):
-    from .model.backbone import load_encoder
-    from .training.config import TrainConfig
-    from .data.loading import EncodedSplit
-    from .inference.ensemble import member_outputs
-    from .inference.base_model import load_base
-    from .runs import save_run
-    from .model.multitask import build_model
+    from ..model.backbone import load_encoder
+    from ..training.config import TrainConfig
+    from ..data.loading import EncodedSplit
+    from ..inference.ensemble import member_outputs
+    from ..inference.adapter_host import load_base
+    from ..runs import save_run
+    from ..model.multitask import build_model
 
     log("bench: inference, swap, load, memory")
     tmp = Path(tempfile.mkdtemp(prefix="peft_mtl_bench_"))
@@ -319,7 +319,7 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
             for n, p in model.named_parameters():
                 if lora_runtime.is_lora_b(n):
                     p.normal_(0, 0.01)
-        from .model.backbone import backbone_identity
+        from ..model.backbone import backbone_identity
 
         manifest = {"mode": "lora", "tasks": ["sst"], "backbone": backbone_identity(name, model.encoder).to_dict(),
                     "backbone_source": None, "pair_encoding": "cross", "max_length": 128, "config": cfg.to_dict(),
@@ -370,7 +370,7 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
         merged_s = median_time(lambda: _run_plain(merged, dev_enc), repeats, 1)
     # --int8: the set as an int8 ONNX Runtime graph (built once, before timing), CPU only.
     int8_s = None
-    from .device import on_cuda
+    from ..device import on_cuda
 
     if not on_cuda():
         try:
@@ -422,11 +422,11 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
 def _merged_copy(path: Path, folder: Path):
     from peft import PeftModel
 
-    from .model.backbone import load_encoder
+    from ..model.backbone import load_encoder
 
     encoder = PeftModel.from_pretrained(load_encoder(path), str(folder)).merge_and_unload()
-    from .model.multitask import MultiTaskModel
-    from .runs import build_head, load_head_weights, read_manifest
+    from ..model.multitask import MultiTaskModel
+    from ..runs import build_head, load_head_weights, read_manifest
 
     manifest = read_manifest(folder)
     head = build_head(manifest["head_specs"]["sst"], 384)
@@ -437,8 +437,8 @@ def _merged_copy(path: Path, folder: Path):
 
 
 def _run_plain(model, enc) -> None:
-    from .inference.evaluate import raw_outputs
-    from .runtime import resolve_precision
+    from ..inference.evaluate import raw_outputs
+    from ..device import resolve_precision
 
     raw_outputs(model, enc, 128, resolve_precision("auto"), False)
 
@@ -446,13 +446,13 @@ def _run_plain(model, enc) -> None:
 def _bert_base_sized(train_enc, repeats: int) -> dict:
     from transformers import BertConfig, BertModel
 
-    from .training.config import TrainConfig
-    from .model.heads import make_head
-    from .model.multitask import MultiTaskModel
-    from .model.adapters import add_adapters
-    from .data.tasks import get_task
-    from .data.loading import collate
-    from .runtime import autocast, resolve_precision
+    from ..training.config import TrainConfig
+    from ..model.heads import make_head
+    from ..model.multitask import MultiTaskModel
+    from ..model.adapters import add_adapters
+    from ..data.tasks import get_task
+    from ..data.loading import collate
+    from ..device import autocast, resolve_precision
 
     log("bench: bert-base-sized random model")
     torch.manual_seed(0)

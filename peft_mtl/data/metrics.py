@@ -1,5 +1,8 @@
 """Task metrics, in a registry users can extend, and the overall score.
 
+The registry sits beside the task specs (``data``): a task file names its metrics and is
+checked against it.
+
 ``overall`` is the CS224N benchmark score — (SST acc + QQP acc + (STS r + 1) / 2) / 3 —
 when the tasks are exactly the three built-in ones; for any other set of tasks it is the
 mean of each task's primary metric, with correlations mapped to (r + 1) / 2 so that every

@@ -2,18 +2,22 @@
 
 Every loss takes ``(outputs, labels, **options)``: logits ``(B, C)`` and integer labels for
 classification, scores ``(B,)`` and float labels for regression, and returns a scalar.
+
+The registry sits beside the task specs (``data``) because a task file names its loss and is
+checked against it; the module imports without torch (``peft-mtl tasks`` answers at once),
+so each built-in loss imports torch when it first runs.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import UnknownName, UserError
 
-LossFn = Callable[..., torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+LossFn = Callable[..., "torch.Tensor"]
 LOSSES: dict[str, LossFn] = {}
 
 
@@ -36,6 +40,8 @@ def get_loss(name: str) -> LossFn:
 
 @register_loss("cross_entropy")
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
+    import torch.nn.functional as F  # deferred: the registry imports without torch
+
     return F.cross_entropy(logits.float(), labels)
 
 
@@ -46,6 +52,9 @@ def dual_objective(logits: torch.Tensor, labels: torch.Tensor, **_) -> torch.Ten
     ``L = -1/N Σ_i Σ_j [y_ij log σ(x_ij) + (1 - y_ij) log(1 - σ(x_ij))]`` — each class is its
     own binary problem; the sum over classes is averaged over the batch.
     """
+    import torch
+    import torch.nn.functional as F  # deferred: the registry imports without torch
+
     targets = F.one_hot(labels, logits.shape[-1]).to(torch.float32)
     per_class = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
     return per_class.sum(-1).mean()
@@ -58,6 +67,8 @@ def ordinal_log_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 
     Probability mass on classes far from the gold one costs more; the gold class itself
     costs nothing, so the loss is 0 only for a one-hot prediction of the right class.
     """
+    import torch  # deferred: the registry imports without torch
+
     probs = torch.softmax(logits.float(), dim=-1)
     classes = torch.arange(logits.shape[-1], device=logits.device)
     distance = (labels.unsqueeze(-1) - classes).abs().to(torch.float32) ** alpha
@@ -66,4 +77,6 @@ def ordinal_log_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 
 
 @register_loss("mse")
 def mse(scores: torch.Tensor, labels: torch.Tensor, **_) -> torch.Tensor:
+    import torch.nn.functional as F  # deferred: the registry imports without torch
+
     return F.mse_loss(scores.float(), labels.float())

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import write_json_atomic
-from .config import ConfigError
+from ..training.config import ConfigError, config_from_flags
 from ..runs import MANIFEST
 
 def summary_paths(spec: "SweepSpec", out: Path) -> tuple[Path, Path]:
@@ -155,17 +155,8 @@ def _load_combine(raw, spec: SweepSpec, tasks: dict[str, list[str]], path: Path)
 def _check_flags(flags: list[str], where: str) -> list[str]:
     """Fail now, not after hours of the other recipes' training, on a misspelt flag or bad value.
     Returns the tasks the recipe trains."""
-    from ..cli import build_parser, config_from_args
-
-    parser = build_parser()
     try:
-        args, extras = parser.parse_known_args(["train", *flags, "--out", "unused"])
-    except SystemExit:
-        raise ConfigError(f"{where}: `peft-mtl train` rejects these flags: {shlex.join(flags)}") from None
-    if extras:
-        raise ConfigError(f"{where}: unknown train flags {extras}")
-    try:
-        config = config_from_args(args)
+        config = config_from_flags([*flags, "--out", "unused"])
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     return list(config.tasks)
@@ -193,16 +184,13 @@ def stale_runs(jobs: list[Job]) -> list[str]:
     (a recipe edited in the file, or two files giving one name to different recipes) would put its
     scores under the wrong recipe, so the sweep refuses instead.
     """
-    from ..cli import build_parser, config_from_args
-
-    parser = build_parser()
     problems = []
     for job in jobs:
         if not job.done:
             continue
         manifest = json.loads((job.folder / MANIFEST).read_text())
         recorded = dict(manifest.get("config") or {})
-        wanted = config_from_args(parser.parse_args(job.argv)).to_dict()
+        wanted = config_from_flags(job.argv[1:]).to_dict()  # argv: ["train", *flags]
         # `auto` is whatever the machine made of it: a run trained under `auto` on a CPU without
         # native bf16 ran in fp32, and counts for a recipe that pins `--precision fp32`.
         if recorded.get("precision") == "auto" and wanted.get("precision") not in (None, "auto"):
@@ -275,7 +263,7 @@ def _manifests(spec: SweepSpec, out: Path) -> dict[str, dict[int, dict]]:
 
 
 def _bytes(manifest: dict, folder: Path) -> int:
-    from ..report import folder_bytes
+    from ..artifacts import folder_bytes
 
     return int(manifest["bytes_on_disk"]) if "bytes_on_disk" in manifest else folder_bytes(folder)
 
@@ -303,7 +291,7 @@ def _recipe_summary(name: str, flags: list[str], runs: dict[int, dict]) -> dict:
 
 def _combined_summary(parts: list[str], runs: dict[str, dict[int, dict]], seeds: list[int], out: Path) -> dict:
     """Each task from the run that trained it, seed by seed (only seeds every part has finished)."""
-    from ..inference.metrics import overall_score
+    from ..data.metrics import overall_score
 
     complete = [s for s in seeds if all(s in runs[p] for p in parts)]
     if not complete:
@@ -457,7 +445,7 @@ def archive(spec: SweepSpec, out: Path, dest: Path) -> int:
     weights had (``bytes_on_disk``) — so a sweep can be listed in ``peft-mtl report`` from a
     repository that does not carry its weights.
     """
-    from ..report import folder_bytes
+    from ..artifacts import folder_bytes
 
     copied = 0
     for job in plan(spec, out):

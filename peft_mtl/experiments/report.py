@@ -19,9 +19,9 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .artifacts import write_json_atomic
-from .runs import MANIFEST
+from ..errors import UserError
+from ..artifacts import folder_bytes, write_json_atomic
+from ..runs import MANIFEST
 
 TASK_METRICS = {"sst": "accuracy", "qqp": "accuracy", "sts": "pearson"}
 DEFAULT_BATCH = 32  # the table's train steps are of this batch unless a row's details say otherwise
@@ -58,10 +58,6 @@ class Row:
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / self.total if self.total else 0.0
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and ".checkpoint" not in f.parts)
 
 
 def _detail(manifest: dict) -> str:
