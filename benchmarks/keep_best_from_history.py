@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peft_mtl.artifacts import write_json_atomic  # noqa: E402
 from peft_mtl.data.tasks import get_task  # noqa: E402
 from peft_mtl.data.metrics import overall_score  # noqa: E402
-from peft_mtl.runs import read_manifest  # noqa: E402
+from peft_mtl.model.saved_sets import read_manifest  # noqa: E402
 
 
 def kept_scores(history: list[dict], tasks: list[str]) -> dict:

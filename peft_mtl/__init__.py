@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .errors import UserError  # noqa: F401
     from .inference.adapter_host import AdapterHost, load_adapters, load_base  # noqa: F401
     from .model.lora_config import LoraSettings  # noqa: F401
-    from .training.config import SmartSettings, TrainConfig
+    from .training.config import SmartSettings, TrainConfig  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

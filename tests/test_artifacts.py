@@ -8,7 +8,7 @@ import pytest
 
 from peft_mtl import artifacts
 from peft_mtl.artifacts import atomic_folder, write_json_atomic
-from peft_mtl.runs import MANIFEST, read_manifest
+from peft_mtl.model.saved_sets import MANIFEST, read_manifest
 from peft_mtl.training.train import train
 
 from .test_train import tiny_config
@@ -41,7 +41,7 @@ def test_json_write_is_all_or_nothing(tmp_path, monkeypatch):
 
 
 def test_crash_while_saving_a_run_leaves_no_complete_looking_folder(tiny_backbone, small_data, tmp_path, monkeypatch):
-    from peft_mtl import runs
+    from peft_mtl.model import saved_sets as runs
 
     real = runs.save_tensors_atomic
     calls = {"n": 0}

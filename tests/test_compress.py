@@ -13,7 +13,7 @@ from peft_mtl import load_base
 from peft_mtl.cli import main
 from peft_mtl.data.loading import encode_split, load_split, task_file
 from peft_mtl.model.compress import compress_set, lora_scale
-from peft_mtl.runs import MANIFEST, AdapterError
+from peft_mtl.model.saved_sets import MANIFEST, AdapterError
 from peft_mtl.training.train import train
 
 from .test_train import tiny_config

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from peft_mtl import load_base
-from peft_mtl.runs import MANIFEST
+from peft_mtl.model.saved_sets import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
 

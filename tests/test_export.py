@@ -67,7 +67,7 @@ def test_graphs_are_checked_against_fp32_whatever_precision_the_base_computes_in
 
 
 def test_readme_snippet_runs_without_peft_mtl_torch_or_peft(exported):
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / "export.md").read_text(encoding="utf-8")
     (snippet,) = re.findall(r"<!-- export-snippet -->\s*```python\n(.*?)```", text, flags=re.S)
     assert len(snippet.strip().splitlines()) <= 10
     blocker = "import sys\nfor m in ('peft_mtl', 'torch', 'peft', 'transformers'):\n    sys.modules[m] = None\n"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from peft_mtl import load_base
-from peft_mtl.runs import MANIFEST, AdapterError
+from peft_mtl.model.saved_sets import MANIFEST, AdapterError
 from peft_mtl.training.train import train
 
 from .test_train import tiny_config

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from peft_mtl.runs import MANIFEST
+from peft_mtl.model.saved_sets import MANIFEST
 from peft_mtl.training.train import train
 
 from .test_train import tiny_config

@@ -8,7 +8,7 @@ import pytest
 
 from peft_mtl import load_base
 from peft_mtl.cli import main
-from peft_mtl.runs import MANIFEST
+from peft_mtl.model.saved_sets import MANIFEST
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 from peft_mtl.training.checkpoint import CHECKPOINT_DIR, CheckpointMismatch
 from peft_mtl.training.config import TrainConfig
 from peft_mtl.training.optimization import TrainingStep
-from peft_mtl.runs import MANIFEST
+from peft_mtl.model.saved_sets import MANIFEST
 from peft_mtl.training.train import train
 
 

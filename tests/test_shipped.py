@@ -7,7 +7,7 @@ import re
 import shlex
 from pathlib import Path
 
-from peft_mtl.runs import read_manifest
+from peft_mtl.model.saved_sets import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 
 from peft_mtl.cli import main
 from peft_mtl.training.config import ConfigError
-from peft_mtl.runs import MANIFEST
+from peft_mtl.model.saved_sets import MANIFEST
 from peft_mtl.experiments.sweep import compare, load_sweep
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from peft_mtl.training.config import ConfigError, SmartSettings, TrainConfig
-from peft_mtl.runs import MANIFEST
+from peft_mtl.model.saved_sets import MANIFEST
 from peft_mtl.training.train import TrainingError, train
 
 from .conftest import real_data_dir, write_slice

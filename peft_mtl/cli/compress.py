@@ -38,7 +38,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ..artifacts import write_json_atomic
     from ..inference.scoring import evaluate_folder
     from ..model.compress import compress_set
-    from ..runs import MANIFEST
+    from ..model.saved_sets import MANIFEST
 
     result = compress_set(args.folder, args.out, args.rank, args.task_rank, overwrite=args.overwrite)
     manifest_path = Path(args.out) / MANIFEST

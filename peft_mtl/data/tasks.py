@@ -24,19 +24,18 @@ evaluation code never names a task.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from ..errors import UnknownName, UserError
+from .files import SPLITS, canonical_label, is_number, read_label_values
 from .losses import LOSSES
 from .metrics import METRICS
 
 TaskKind = Literal["classification", "regression"]
 KINDS = ("classification", "regression")
 TASK_FILE_SUFFIXES = (".yaml", ".yml", ".json")
-SPLITS = ("train", "dev", "test")
 BUILTIN_DIR = Path(__file__).with_name("builtin_tasks")
 _FIELDS = {"name", "description", "train", "dev", "test", "data", "delimiter", "text", "label", "type", "labels",
            "metrics", "loss", "output_range", "label_range"}
@@ -44,23 +43,6 @@ _FIELDS = {"name", "description", "train", "dev", "test", "data", "delimiter", "
 
 class TaskFileError(UserError):
     """A task file cannot be used; the message names the file, the field and the fix."""
-
-
-def _canonical(value: Any) -> str:
-    """One spelling per label value: 3, "3", "3.0" → "3"; strings stripped."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, float)) or (isinstance(value, str) and _is_number(value)):
-        number = float(value)
-        return str(int(number)) if number == int(number) else repr(number)
-    return str(value).strip()
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except (TypeError, ValueError):
-        return False
 
 
 @dataclass(frozen=True)
@@ -121,7 +103,7 @@ class TaskSpec:
     @property
     def numeric_labels(self) -> bool:
         """Class values are the integers 0..K-1 in order: predictions report them as ints."""
-        return bool(self.labels) and all(_canonical(v) == str(i) for i, v in enumerate(self.labels))
+        return bool(self.labels) and all(canonical_label(v) == str(i) for i, v in enumerate(self.labels))
 
     def label_of(self, class_id: int):
         """What a prediction reports for a class id: the label's name, or the id itself."""
@@ -130,7 +112,7 @@ class TaskSpec:
         return self.labels[class_id]
 
     def class_index(self) -> dict[str, int]:
-        return {_canonical(v): i for i, v in enumerate(self.labels or ())}
+        return {canonical_label(v): i for i, v in enumerate(self.labels or ())}
 
     def file_for(self, split: str, data_dir: str | Path | None = None) -> Path:
         """The file of ``split``: absolute for file tasks, inside ``data_dir`` for built-in ones."""
@@ -228,7 +210,7 @@ def spec_from_file(path: str | Path, builtin: bool = False) -> TaskSpec:
             fail("labels", "a regression task has no classes", "remove `labels` or use type: classification")
         if not isinstance(labels, list) or len(labels) < 2:
             fail("labels", "a classifier needs at least two classes", "list every class: `labels: [a, b, ...]`")
-        if len({_canonical(v) for v in labels}) != len(labels):
+        if len({canonical_label(v) for v in labels}) != len(labels):
             fail("labels", "a class is listed twice", "list each class once")
     ranges = {}
     for key in ("output_range", "label_range"):
@@ -331,14 +313,12 @@ def infer_labels(spec: TaskSpec, strict: bool = False) -> TaskSpec:
     """Classification without ``labels``: the sorted distinct labels of the train split."""
     if spec.kind != "classification" or spec.labels is not None:
         return spec
-    from .loading import read_label_values
-
     values = read_label_values(spec, spec.file_for("train"), strict)
-    distinct = sorted({_canonical(v) for v in values}, key=lambda v: (not _is_number(v), float(v) if _is_number(v) else 0, v))
+    distinct = sorted({canonical_label(v) for v in values}, key=lambda v: (not is_number(v), float(v) if is_number(v) else 0, v))
     if len(distinct) < 2:
         raise TaskFileError(f"{spec.source}: field 'labels': the train file has {len(distinct)} class "
                             f"({', '.join(distinct) or 'none'}); a classifier needs at least two")
-    typed = tuple(int(v) if _is_number(v) and float(v) == int(float(v)) else v for v in distinct)
+    typed = tuple(int(v) if is_number(v) and float(v) == int(float(v)) else v for v in distinct)
     return replace(spec, labels=typed)
 
 

@@ -16,7 +16,6 @@ import json
 import logging
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -305,7 +304,7 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
     from ..data.loading import EncodedSplit
     from ..inference.ensemble import member_outputs
     from ..inference.adapter_host import load_base
-    from ..runs import save_run
+    from ..model.saved_sets import save_run
     from ..model.multitask import build_model
 
     log("bench: inference, swap, load, memory")
@@ -414,7 +413,7 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
         "extra_mb_per_loaded_set": round((rss_all - rss_one) / max(1, members - 1), 2),
         f"ensemble_{members}_ram_vs_one_model": round(rss_all / rss_one, 3),
         "model_weights_mb_with_all_adapters": round(param_mb, 1),
-        f"k_full_copies_ram_estimate_mb": round(rss_one + (members - 1) * (rss_base - rss_before_base), 1),
+        "k_full_copies_ram_estimate_mb": round(rss_one + (members - 1) * (rss_base - rss_before_base), 1),
     }
     return inference, adapters
 
@@ -426,7 +425,7 @@ def _merged_copy(path: Path, folder: Path):
 
     encoder = PeftModel.from_pretrained(load_encoder(path), str(folder)).merge_and_unload()
     from ..model.multitask import MultiTaskModel
-    from ..runs import build_head, load_head_weights, read_manifest
+    from ..model.saved_sets import build_head, load_head_weights, read_manifest
 
     manifest = read_manifest(folder)
     head = build_head(manifest["head_specs"]["sst"], 384)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..artifacts import folder_bytes, write_json_atomic
-from ..runs import MANIFEST
+from ..model.saved_sets import MANIFEST
 
 TASK_METRICS = {"sst": "accuracy", "qqp": "accuracy", "sts": "pearson"}
 DEFAULT_BATCH = 32  # the table's train steps are of this batch unless a row's details say otherwise

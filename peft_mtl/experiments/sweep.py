@@ -47,7 +47,7 @@ from pathlib import Path
 
 from ..artifacts import write_json_atomic
 from ..training.config import ConfigError, config_from_flags
-from ..runs import MANIFEST
+from ..model.saved_sets import MANIFEST
 
 def summary_paths(spec: "SweepSpec", out: Path) -> tuple[Path, Path]:
     """Where a sweep's table goes: named after its file, so sweeps sharing a folder keep their own."""

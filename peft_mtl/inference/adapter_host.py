@@ -30,7 +30,7 @@ from ..model.backbone import (BackboneIdentity, backbone_identity, freeze, load_
 from ..data.loading import EncodedSplit, encode_texts
 from .evaluate import predictions_from_outputs, probabilities, raw_outputs
 from ..model.multitask import MultiTaskModel
-from ..runs import (MANIFEST, AdapterError, build_head, check_adapter_files, check_backbone, load_head_weights,
+from ..model.saved_sets import (MANIFEST, AdapterError, build_head, check_adapter_files, check_backbone, load_head_weights,
                     read_manifest)
 from ..device import configure_threads, resolve_precision
 from ..data.tasks import TaskSpec, get_task

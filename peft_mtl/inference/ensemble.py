@@ -338,7 +338,7 @@ def evaluate_ensemble(folders: list[Path], settings: EnsembleSettings, backbone:
     combine into one multi-task ensemble). The result holds each task's metrics and the
     overall score; with ``select`` it also holds the chosen weights and their cross-fitted
     score (weights chosen on one half of the split, scored on the other)."""
-    from ..runs import read_manifest
+    from ..model.saved_sets import read_manifest
     from .adapter_host import load_base
     from .scoring import load_eval_splits
 

@@ -100,7 +100,7 @@ class Int8Runtime:
 
     def _graph(self, base, set_name: str, task: str) -> tuple[Path, list[str]]:
         """The cached int8 graph of (set, task), exported and quantized on first use."""
-        from .export import ExportError, export_task
+        from .graphs import ExportError, export_task
 
         aset = base.sets[set_name]
         folder = self.cache / set_digest(aset.folder, base.identity.name, task)

@@ -56,7 +56,6 @@ def load_adapter_into_existing_layers(peft_model: nn.Module, path, adapter_name:
     """
     from pathlib import Path
 
-    import torch
     from peft import LoraConfig
     from safetensors.torch import load_file
 

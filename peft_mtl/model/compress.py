@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from ..artifacts import atomic_folder, save_tensors_atomic
 from . import lora_runtime
-from ..runs import MANIFEST, AdapterError, read_manifest
+from .saved_sets import MANIFEST, AdapterError, read_manifest
 
 __all__ = ["CompressionResult", "compress_set", "lora_scale"]
 

@@ -25,7 +25,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..errors import UserError
 
 ATTENTION_NAME = "peft_mtl"
 _INT16_SPAN = 65536

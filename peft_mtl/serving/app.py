@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..inference.adapter_host import AdapterHost
-from ..runs import AdapterError
+from ..model.saved_sets import AdapterError
 from .schemas import EnsembleRequest, EnsembleResponse, LoadRequest, PredictRequest, PredictResponse
 from .worker import BatchStats, CallJob, PredictJob, UnknownName, Worker
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import AdapterHost, Field
+from pydantic import BaseModel, Field
 
 
-class PredictRequest(AdapterHost):
+class PredictRequest(BaseModel):
     set: str | None = Field(None, description="a loaded set (default: the first one loaded)")
     task: str = Field(..., description="a task of that set")
     inputs: list[str | list[str]] = Field(..., description="sentences, or [first, second] pairs for pair tasks")
 
 
-class EnsembleRequest(AdapterHost):
+class EnsembleRequest(BaseModel):
     sets: list[str] = Field(..., min_length=2, description="loaded sets that share the task")
     task: str
     inputs: list[str | list[str]]
@@ -19,24 +19,24 @@ class EnsembleRequest(AdapterHost):
     weights: list[float] | None = Field(None, description="one weight per set (default: equal)")
 
 
-class LoadRequest(AdapterHost):
+class LoadRequest(BaseModel):
     name: str = Field(..., description="the name requests will use")
     folder: str = Field(..., description="a folder written by `peft-mtl train`, under --sets-root")
 
 
-class Prediction(AdapterHost):
+class Prediction(BaseModel):
     label: str | int | None = Field(None, description="classification: the class name (or index)")
     probabilities: list[float] | None = Field(None, description="classification: one per class, in label order")
     score: float | None = Field(None, description="regression: the predicted value")
 
 
-class PredictResponse(AdapterHost):
+class PredictResponse(BaseModel):
     predictions: list[Prediction]
     set: str
     task: str
 
 
-class EnsembleResponse(AdapterHost):
+class EnsembleResponse(BaseModel):
     predictions: list[Prediction]
     sets: list[str]
     task: str

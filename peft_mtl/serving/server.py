@@ -24,7 +24,7 @@ def serve(sets: list[str], host: str = "127.0.0.1", port: int = 8000, config: Se
     import uvicorn
 
     from ..inference.adapter_host import load_base
-    from ..runs import read_manifest
+    from ..model.saved_sets import read_manifest
 
     parsed = [parse_set(s) for s in sets]
     if backbone is None and parsed:

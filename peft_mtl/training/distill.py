@@ -147,7 +147,7 @@ def load_teacher(source: str | Path, raw_splits: dict[str, LoadedSplit], student
     from ..inference.adapter_host import load_base
     from ..inference.ensemble import combine, member_outputs
     from ..inference.output_cache import OutputCache
-    from ..runs import read_manifest
+    from ..model.saved_sets import read_manifest
 
     weighted, how = teacher_members(source, top_members)
     if weighted is None:

@@ -46,7 +46,7 @@ from ..model.multitask import MultiTaskModel, build_model
 from .optimization import NonFiniteLoss, TrainingStep, build_optimizer, build_scheduler
 from .pcgrad import PCGrad
 from .regularizers import Objective
-from ..runs import save_run
+from ..model.saved_sets import save_run
 from ..device import configure_threads, resolve_precision, seed_everything
 from .sampling import task_schedule
 from .simcse import run_simcse

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from ..model import lora_runtime
 from ..model.multitask import MultiTaskModel
-from ..runs import AdapterError, check_adapter_files, check_backbone, load_head_weights, read_manifest
+from ..model.saved_sets import AdapterError, check_adapter_files, check_backbone, load_head_weights, read_manifest
 
 __all__ = ["load_initial_weights"]
 

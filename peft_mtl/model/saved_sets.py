@@ -25,11 +25,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import UserError
-from .artifacts import atomic_folder, save_tensors_atomic, write_json_atomic
-from .model.heads import TaskHead
-from .model.multitask import MultiTaskModel
-from .data.tasks import get_task
+from ..errors import UserError
+from ..artifacts import atomic_folder, save_tensors_atomic, write_json_atomic
+from .heads import TaskHead
+from .multitask import MultiTaskModel
 
 FORMAT_VERSION = 1
 MANIFEST = "peft_mtl.json"

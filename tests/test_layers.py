@@ -1,0 +1,42 @@
+"""The architecture's rules, checked: imports only go down, and the command line answers at once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "peft")
+
+
+def test_import_linter_contracts_hold():
+    """pyproject.toml's [tool.importlinter]: the layer order, serving ⟂ experiments, no cycles."""
+    lint = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
+    result = subprocess.run([lint, "--config", str(REPO / "pyproject.toml")], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "BROKEN" not in result.stdout and result.stdout.count("KEPT") == 3
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["serve", "--help"], ["tasks"]])
+def test_the_cli_answers_without_torch_transformers_or_peft(argv):
+    """`peft-mtl --help`, `peft-mtl CMD --help` and `peft-mtl tasks` import none of the heavy libraries."""
+    probe = ("import json, sys\nfrom peft_mtl.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", probe, *argv], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert json.loads(result.stderr.strip().splitlines()[-1]) == [], result.stderr[-2000:]
+    assert result.stdout.strip(), "the command printed its help or task list"
+
+
+def test_the_heavy_libraries_load_when_a_command_runs(tmp_path):
+    """The probe above can fail: loading a public name that needs torch does import it."""
+    probe = "import sys, peft_mtl\npeft_mtl.AdapterHost\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "True", result.stderr[-2000:]
