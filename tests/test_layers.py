@@ -40,3 +40,42 @@ def test_the_heavy_libraries_load_when_a_command_runs(tmp_path):
     probe = "import sys, peft_mtl\npeft_mtl.AdapterHost\nprint('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "True", result.stderr[-2000:]
+
+
+def unresolved_names(text: str) -> list[str]:
+    """Dotted ``peft_mtl.…`` names in ``text`` that import as no module or attribute."""
+    import importlib
+    import re
+
+    bad = []
+    for ref in sorted(set(re.findall(r"\bpeft_mtl(?:\.[A-Za-z_][A-Za-z0-9_]*)+", text))):
+        if ref == "peft_mtl.json":  # the manifest's file name
+            continue
+        parts = ref.split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            try:
+                for attribute in parts[i:]:
+                    obj = getattr(obj, attribute)
+            except AttributeError:
+                bad.append(ref)
+            break
+        else:
+            bad.append(ref)
+    return bad
+
+
+def test_every_peft_mtl_name_in_docstrings_and_docs_resolves():
+    """A module that moves takes its references along (seven docstrings once named moved modules)."""
+    texts = {str(p.relative_to(REPO)): p.read_text(encoding="utf-8")
+             for p in [*(REPO / "peft_mtl").rglob("*.py"), REPO / "README.md", *(REPO / "docs").glob("*.md")]}
+    stale = {path: names for path, text in texts.items() if (names := unresolved_names(text))}
+    assert stale == {}
+
+
+def test_the_name_check_catches_a_moved_module():
+    assert unresolved_names("see :func:`peft_mtl.stacked.grouped_lora` and peft_mtl.model.lora_runtime.install") \
+        == ["peft_mtl.stacked.grouped_lora"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -276,3 +277,22 @@ def test_the_budget_panel_places_trained_runs_at_their_steps_and_names_the_seed_
     boxes = [t.get_window_extent(renderer) for t in budget.texts]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+def test_columns_and_the_overall_rule_come_from_the_runs_tasks_not_a_fixed_list():
+    """Tasks from task files get their own columns, headed by the metric their runs recorded first."""
+    from peft_mtl.experiments.report import Row, collect, markdown, primary_metrics
+
+    def row(name, metrics, names, overall):
+        return Row(name=name, mode="lora", backbone="b", trainable=10, total=100, bytes_on_disk=0, metrics=metrics,
+                   metric_names=names, overall=overall, train_seconds=None, detail="")
+
+    names = {"intent": "macro_f1", "sts": "pearson"}
+    rows = [row("a", {"intent": 0.8, "sts": 0.7}, names, 0.82), row("b", {"intent": 0.7}, names, 0.7)]
+    text = markdown(rows, None)
+    assert "| STS r | INTENT macro_f1 | overall |" in text and "SST" not in text  # benchmark tasks first
+    assert "only for runs on exactly STS, INTENT" in text
+    # The primary metric is the task's registered one, else the first the run recorded.
+    assert primary_metrics({"sst": {"macro_f1": 0.4, "accuracy": 0.5}, "intent": {"mcc": 0.3, "accuracy": 0.9}}) == \
+        {"sst": ("accuracy", 0.5), "intent": ("mcc", 0.3)}
+    assert collect([], Path(".")) == []

@@ -11,7 +11,7 @@ A task is declared in one small YAML or JSON file::
     type: classification                # classification | regression
     labels: [book, cancel, refund]      # optional: inferred from train (sorted) when absent
     metrics: [accuracy, macro_f1]       # the first one is the task's primary metric
-    loss: cross_entropy                 # optional: a name in peft_mtl.losses
+    loss: cross_entropy                 # optional: a name in peft_mtl.data.losses
     output_range: [0, 5]                # regression only, optional: predictions are clipped to it
 
 and ``--tasks sst,tasks/intent.yaml`` mixes built-in and file tasks. The built-in tasks
@@ -55,8 +55,8 @@ class TaskSpec:
         label_column: column holding the gold label.
         kind: ``classification`` or ``regression``.
         labels: classification: the class values as written in the data; class id = index.
-        metrics: names in :data:`peft_mtl.metrics.METRICS`; the first is the primary one.
-        loss: name in :data:`peft_mtl.losses.LOSSES`.
+        metrics: names in :data:`peft_mtl.data.metrics.METRICS`; the first is the primary one.
+        loss: name in :data:`peft_mtl.data.losses.LOSSES`.
         label_range: regression: inclusive bounds a valid label lies in (None: any number).
         output_range: regression: predictions are clipped to it (None: no clipping).
         files: split → file (absolute, or relative to ``--data-dir`` for built-in tasks).

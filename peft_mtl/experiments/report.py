@@ -16,22 +16,68 @@ import math
 import os
 import re
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
 from ..artifacts import folder_bytes, write_json_atomic
+from ..data.metrics import CS224N_TASKS, METRICS, overall_score
+from ..data.tasks import TASKS
+from ..errors import UserError
 from ..model.saved_sets import MANIFEST
 
-TASK_METRICS = {"sst": "accuracy", "qqp": "accuracy", "sts": "pearson"}
 DEFAULT_BATCH = 32  # the table's train steps are of this batch unless a row's details say otherwise
 ZOOM_POINTS = 3.0  # the zoomed overall panel shows runs within this many points (x 0.01) of the best
 BUDGET_POINTS = 4.0  # the score-vs-budget panel shows trained runs within this many points of the best
 
 
-def _benchmark_overall(metrics: dict) -> float | None:
-    """The CS224N overall score of a run, or None unless it was trained on all three tasks."""
-    return metrics.get("overall") if set(metrics.get("dev") or {}) >= set(TASK_METRICS) else None
+METRIC_SHORT = {"accuracy": "acc", "pearson": "r", "spearman": "ρ"}  # column headings: "SST acc", "STS r"
+
+
+def primary_metrics(scores: dict[str, dict[str, float]]) -> dict[str, tuple[str, float]]:
+    """Task → (its primary metric, value) in one run's scores, read from the scores themselves.
+
+    Scores are written in the order of the task's ``metrics`` (the primary first), so the
+    first key is the primary one; a task registered here (the built-in ones) names its own."""
+    out = {}
+    for task, values in scores.items():
+        if not isinstance(values, dict) or not values:
+            continue
+        registered = TASKS.get(task)
+        metric = registered.primary_metric if registered and registered.primary_metric in values else next(iter(values))
+        out[task] = (metric, values[metric])
+    return out
+
+
+def task_columns(rows: list["Row"]) -> dict[str, str]:
+    """Task → metric for the table's columns: every task some row scored, the benchmark's first."""
+    columns: dict[str, str] = {}
+    for r in rows:
+        for t in r.metrics:
+            columns.setdefault(t, r.metric_names.get(t, ""))
+    order = list(CS224N_TASKS)
+    return {t: columns[t] for t in sorted(columns, key=lambda t: (order.index(t) if t in order else len(order), t))}
+
+
+def overall_group(rows: list["Row"]) -> frozenset[str]:
+    """The tasks an overall score is compared over: the most common task set of multi-task rows
+    (ties: the larger, then alphabetical), else every task in the report. Overall scores of
+    other task sets are not comparable."""
+    sets = Counter(frozenset(r.metrics) for r in rows if len(r.metrics) > 1 and not r.reference)
+    if not sets:
+        every = frozenset(t for r in rows for t in r.metrics)
+        return every if len(every) > 1 else frozenset()
+    return max(sets, key=lambda s: (sets[s], len(s), sorted(s)))
+
+
+def keep_comparable_overall(rows: list["Row"]) -> list["Row"]:
+    """Rows scored on other tasks than the overall group show no overall score."""
+    group = overall_group(rows)
+    for r in rows:
+        if frozenset(r.metrics) != group:
+            r.overall = None
+            r.sd.pop("overall", None)
+    return rows
 
 
 @dataclass
@@ -42,7 +88,7 @@ class Row:
     trainable: int
     total: int
     bytes_on_disk: int
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # task -> its primary metric's value
     overall: float | None
     train_seconds: float | None
     detail: str
@@ -54,6 +100,7 @@ class Row:
     train_steps: int | None = None  # optimiser steps taken (all epochs run, not just the kept one): the budget
     parts: list[str] = field(default_factory=list)  # a combined row: the recipes whose runs it adds up
     grouped: bool = False  # a recipe's seed group (written by `peft-mtl sweep`), even of one seed
+    metric_names: dict[str, str] = field(default_factory=dict)  # task -> the metric in ``metrics``
 
     @property
     def percent(self) -> float:
@@ -130,15 +177,15 @@ def train_steps(manifest: dict) -> int | None:
 
 def run_row(folder: Path, root: Path) -> Row:
     manifest = json.loads((folder / MANIFEST).read_text())
-    dev = manifest.get("metrics", {}).get("dev", {})
-    metrics = {t: dev[t][m] for t, m in TASK_METRICS.items() if t in dev}
+    primary = primary_metrics(manifest.get("metrics", {}).get("dev", {}))
     params = manifest.get("parameters", {})
     # A run whose weights are kept out of git (a full fine-tune) ships its manifest with the size it had.
     size = int(manifest["bytes_on_disk"]) if "bytes_on_disk" in manifest else folder_bytes(folder)
     return Row(name=os.path.relpath(folder, root), mode=manifest.get("mode", "?"),
                backbone=manifest.get("backbone", {}).get("name", "?"), trainable=int(params.get("trainable", 0)),
-               total=int(params.get("total", 0)), bytes_on_disk=size, metrics=metrics,
-               overall=_benchmark_overall(manifest.get("metrics", {})), train_seconds=manifest.get("train_seconds"),
+               total=int(params.get("total", 0)), bytes_on_disk=size, metrics={t: v for t, (_, v) in primary.items()},
+               metric_names={t: m for t, (m, _) in primary.items()},
+               overall=manifest.get("metrics", {}).get("overall"), train_seconds=manifest.get("train_seconds"),
                detail=_detail(manifest), partial_dev=bool(manifest.get("config", {}).get("max_eval_examples")),
                identity=_run_identity(manifest), train_steps=train_steps(manifest))
 
@@ -176,10 +223,11 @@ def ensemble_row(record_path: Path, root: Path) -> Row:
         # front show the cross-fitted scores (chosen on one half of dev, scored on the other).
         scored = {t: v["cross_fitted"] for t, v in selection["tasks"].items()}
         overall = selection["cross_fitted_overall"]
-    metrics = {t: scored[t][m] for t, m in TASK_METRICS.items() if t in scored}
+    primary = primary_metrics({t: v for t, v in scored.items() if t not in ("overall", "selection")})
     return Row(name=os.path.relpath(record_path, root), mode="ensemble", backbone=rec.get("backbone", "?"),
                trainable=int(rec["trainable"]), total=int(rec["total"]), bytes_on_disk=int(rec["bytes_on_disk"]),
-               metrics=metrics, overall=overall, train_seconds=rec.get("train_seconds"),
+               metrics={t: v for t, (_, v) in primary.items()}, metric_names={t: m for t, (m, _) in primary.items()},
+               overall=overall, train_seconds=rec.get("train_seconds"),
                detail=_ensemble_detail(rec))
 
 
@@ -202,17 +250,20 @@ def reference_row(path: Path, root: Path) -> Row:
     """The plain HF Trainer + PEFT baseline (benchmarks/hf_baseline.py), one task per file."""
     rec = json.loads(path.read_text())
     task = rec["task"]
-    metric = TASK_METRICS.get(task)
+    dev = rec.get("dev", {})
+    registered = TASKS.get(task)
+    metric = registered.primary_metric if registered and registered.primary_metric in dev else next(iter(dev), None)
     steps = rec.get("train_steps")
     if steps is None and rec.get("train_examples") and rec.get("epochs"):
         # Records from before the script wrote its steps: the Trainer's ceil(N / batch) per epoch, at the
         # script's batch size (32 unless the recorded command set another).
         batch = rec.get("batch_size") or (None if "--batch-size" in rec.get("command", "") else DEFAULT_BATCH)
         steps = math.ceil(math.ceil(rec["train_examples"] / batch) * rec["epochs"]) if batch else None
-    value = rec.get("dev", {}).get(metric)
+    value = dev.get(metric)
     return Row(name=os.path.relpath(path, root), mode=f"HF {rec.get('mode', 'lora')}", backbone=rec.get("backbone", "all-MiniLM-L6-v2"),
                trainable=int(rec.get("trainable_parameters", 0)), total=int(rec.get("total_parameters", 0)),
                bytes_on_disk=int(rec.get("bytes_on_disk", 0)), metrics={task: value} if value is not None else {},
+               metric_names={task: metric} if value is not None else {},
                overall=None, train_seconds=rec.get("train_seconds"),
                detail=f"reference: {rec.get('pipeline', 'HF Trainer')}, {task}, {rec.get('epochs')} ep", reference=True,
                train_steps=steps)
@@ -221,23 +272,27 @@ def reference_row(path: Path, root: Path) -> Row:
 def combined_reference_rows(rows: list[Row]) -> list[Row]:
     """The reference pipeline's three single-task rows of one folder, as one row with its overall score."""
     out = []
+    group = overall_group(rows)
     by_key: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
         if r.reference and len(r.metrics) == 1:
             by_key.setdefault((os.path.dirname(r.name), r.mode), []).append(r)
     for (folder, mode), refs in sorted(by_key.items()):
         per_task = {next(iter(r.metrics)): r for r in refs}
-        if set(per_task) != set(TASK_METRICS) or len(refs) != len(TASK_METRICS):
+        if not group or set(per_task) != group or len(refs) != len(group):
             continue
-        metrics = {t: per_task[t].metrics[t] for t in TASK_METRICS}
-        overall = (metrics["sst"] + metrics["qqp"] + (metrics["sts"] + 1) / 2) / 3
+        tasks = sorted(group)
+        metrics = {t: per_task[t].metrics[t] for t in tasks}
+        names = {t: per_task[t].metric_names[t] for t in tasks}
+        overall = overall_score({t: {names[t]: metrics[t]} for t in tasks}, names)
         times = [r.train_seconds for r in refs]
         steps = [r.train_steps for r in refs]
-        out.append(Row(name=os.path.join(folder, "hf_baseline (sst + qqp + sts)"), mode=mode,
+        out.append(Row(name=os.path.join(folder, f"hf_baseline ({' + '.join(t for t in CS224N_TASKS if t in group) or ' + '.join(tasks)})"), mode=mode,
                        backbone=refs[0].backbone, trainable=sum(r.trainable for r in refs),
                        total=sum(r.total for r in refs) if all(r.total for r in refs) else 0, bytes_on_disk=0, metrics=metrics, overall=overall,
                        train_seconds=sum(times) if None not in times else None,
-                       detail="reference: its three hf_baseline_* rows (each task alone) scored together", reference=True,
+                       detail=f"reference: its {len(tasks)} hf_baseline_* rows (each task alone) scored together",
+                       reference=True, metric_names=names,
                        train_steps=sum(steps) if None not in steps else None))
     return out
 
@@ -250,10 +305,15 @@ def combined_rows(summary_path: Path, root: Path) -> list[Row]:
         if not rec.get("scores"):
             continue
         scores = rec["scores"]
-        metrics = {t: scores[f"{t}/{m}"]["mean"] for t, m in TASK_METRICS.items() if f"{t}/{m}" in scores}
-        sd = {t: scores[f"{t}/{m}"]["sd"] for t, m in TASK_METRICS.items()
-              if f"{t}/{m}" in scores and scores[f"{t}/{m}"]["sd"] is not None}
-        overall = scores.get("overall", {}).get("mean") if set(metrics) >= set(TASK_METRICS) else None
+        by_task: dict[str, dict[str, float]] = {}
+        for key, value in scores.items():
+            if "/" in key:
+                task, metric = key.split("/", 1)
+                by_task.setdefault(task, {})[metric] = value
+        primary = primary_metrics(by_task)
+        metrics = {t: v["mean"] for t, (_, v) in primary.items()}
+        sd = {t: v["sd"] for t, (_, v) in primary.items() if v["sd"] is not None}
+        overall = scores.get("overall", {}).get("mean")
         if overall is not None and scores["overall"]["sd"] is not None:
             sd["overall"] = scores["overall"]["sd"]
         n = len(rec["seeds"])
@@ -261,7 +321,7 @@ def combined_rows(summary_path: Path, root: Path) -> list[Row]:
                         mode="/".join(rec["modes"]), backbone=rec.get("backbone") or "?",
                         trainable=int(rec["trainable"]), total=int(rec["total"]),
                         bytes_on_disk=int(rec["bytes_on_disk"]), metrics=metrics, overall=overall,
-                        train_seconds=rec["train_minutes"] * 60,
+                        metric_names={t: m for t, (m, _) in primary.items()}, train_seconds=rec["train_minutes"] * 60,
                         detail=f"each task alone: {' + '.join(rec['parts'])}, {n} seed{'s' if n > 1 else ''}",
                         seeds=n, sd=sd, parts=[os.path.join(os.path.relpath(summary_path.parent, root), p)
                                                for p in rec["parts"]]))
@@ -286,7 +346,7 @@ def group_seeds(rows: list[Row]) -> list[Row]:
             out += members  # not one recipe after all: list them as they are
             continue
         first = members[0]
-        tasks = [t for t in TASK_METRICS if all(t in m.metrics for m in members)]
+        tasks = [t for t in first.metrics if all(t in m.metrics for m in members)]
         metrics = {t: statistics.fmean(m.metrics[t] for m in members) for t in tasks}
         sd = {t: statistics.stdev(m.metrics[t] for m in members) for t in tasks} if len(members) > 1 else {}
         overall = None
@@ -304,6 +364,7 @@ def group_seeds(rows: list[Row]) -> list[Row]:
                        train_seconds=statistics.fmean(times) if times else None,
                        detail=f"{first.detail}, {len(members)} seed{'s' if len(members) > 1 else ''}",
                        partial_dev=first.partial_dev, seeds=len(members), sd=sd, grouped=True,
+                       metric_names={t: first.metric_names.get(t, "") for t in tasks},
                        train_steps=round(statistics.fmean(steps)) if len(steps) == len(members) else None))
     return out
 
@@ -336,6 +397,7 @@ def collect(roots: list[Path], base: Path) -> list[Row]:
             rows.append(reference_row(record, base))
         for record in sorted(root.rglob("*.sweep.json")):
             rows += combined_rows(record, base)
+    rows = keep_comparable_overall(rows)
     rows += combined_reference_rows(rows)
     return sorted(add_up_parts(group_seeds(drop_copies(rows))), key=lambda r: r.name)
 
@@ -363,11 +425,25 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
+def _heading(task: str, metric: str) -> str:
+    return f"{task.upper()} {METRIC_SHORT.get(metric, metric)}".strip()
+
+
+def _overall_rule(columns: dict[str, str], group: frozenset[str]) -> str:
+    tasks = [t for t in columns if t in group]
+    if set(tasks) == set(CS224N_TASKS):
+        terms = [(f"({_heading(t, m)} + 1) / 2" if METRICS.get(m) and METRICS[m].correlation else _heading(t, m))
+                 for t, m in columns.items() if t in group]
+        return f"Overall = mean({', '.join(terms)}), only for runs with all {len(tasks)} tasks."
+    return (f"Overall = the mean of each task's primary metric (correlations as (r + 1) / 2), only for runs "
+            f"on exactly {', '.join(t.upper() for t in tasks) or 'the same tasks'}.")
+
+
 def markdown(rows: list[Row], commands: str | None) -> str:
+    columns, group = task_columns(rows), overall_group(rows)
     lines = ["# Trainable parameters vs score", "",
              "Generated by `peft-mtl report` from the saved runs; every number comes from a run's own manifest "
-             "(dev split, best epoch). Overall = mean(SST acc, QQP acc, (STS r + 1) / 2), only for runs with all "
-             "three tasks. ★ marks the Pareto front of trainable parameters vs overall score (or vs the task "
+             f"(dev split, best epoch). {_overall_rule(columns, group)} ★ marks the Pareto front of trainable parameters vs overall score (or vs the task "
              "metric for single-task runs); runs scored on only part of the dev split say so and are left out "
              "of the front and the plot. A run named after a recipe with *n seeds* in its details is the mean ± "
              "sample sd over those seeds (written by `peft-mtl sweep`; time and size are means); a row whose details "
@@ -376,15 +452,15 @@ def markdown(rows: list[Row], commands: str | None) -> str:
              "*HF …* are the plain Hugging Face Trainer + PEFT pipeline on the same data, for reference. "
              f"*Train steps* is the budget: optimiser steps of {DEFAULT_BATCH} examples (another batch size is in the "
              "details) over all the epochs a run took; compare scores at equal steps.", "",
-             "| run | mode | details | backbone | trainable params | % of total | on disk | SST acc | QQP acc | STS r | "
-             "overall | train steps | train time |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | mode | details | backbone | trainable params | % of total | on disk | "
+             + "".join(f"{_heading(t, m)} | " for t, m in columns.items()) + "overall | train steps | train time |",
+             "|---|---|---|---|---:|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|"]
     comparable = [r for r in rows if not r.partial_dev and not r.reference]
     overall_pts = [(r.trainable, r.overall) for r in comparable if r.overall is not None]
     overall_front = pareto(overall_pts) if overall_pts else set()
     overall_rows = [r for r in comparable if r.overall is not None]
     front_names = {overall_rows[i].name for i in overall_front}
-    for task in TASK_METRICS:
+    for task in columns:
         task_rows = [r for r in comparable if r.overall is None and task in r.metrics]
         front_names |= {task_rows[i].name for i in pareto([(r.trainable, r.metrics[task]) for r in task_rows])}
     for r in rows:
@@ -392,7 +468,7 @@ def markdown(rows: list[Row], commands: str | None) -> str:
         time_s = "—" if r.train_seconds is None else f"{r.train_seconds / 60:.1f} min"
         percent = f"{r.percent:.2f}%" if r.total else "—"
         size = _human_bytes(r.bytes_on_disk) if r.bytes_on_disk else "—"
-        scores = " | ".join(_fmt(r.metrics.get(t), sd=r.sd.get(t)) for t in TASK_METRICS)
+        scores = " | ".join(_fmt(r.metrics.get(t), sd=r.sd.get(t)) for t in columns)
         steps = "—" if r.train_steps is None else f"{r.train_steps:,}"
         lines.append(f"| `{r.name}`{star} | {r.mode} | {r.detail} | {r.backbone} | {r.trainable:,} | {percent} | "
                      f"{size} | {scores} | {_fmt(r.overall, sd=r.sd.get('overall'))} | {steps} | {time_s} |")
@@ -471,8 +547,9 @@ def figure(rows: list[Row]):
     # good runs that the full-range panel (heads-only and diverged runs included) squeezes together.
     panels = [("overall", "overall score", overall, False),
               ("overall", f"overall score, zoomed: within {ZOOM_POINTS} points of the best", overall, True)] + [
-        (t, f"{t.upper()} {m}", (lambda t: lambda r: r.metrics.get(t))(t), False) for t, m in TASK_METRICS.items()]
-    fig, axes = plt.subplots(2, 3, figsize=(18, 10))
+        (t, f"{t.upper()} {m}", (lambda t: lambda r: r.metrics.get(t))(t), False) for t, m in task_columns(rows).items()]
+    n_rows = math.ceil((len(panels) + 1) / 3)  # + the budget panel
+    fig, axes = plt.subplots(n_rows, 3, figsize=(18, 5 * n_rows), squeeze=False)
     labelled = []
     markers = {"lora": "o", "heads": "s", "full": "D", "ensemble": "*"}
     # One colour per mode in every panel (the default colour cycle shifts when a panel lacks a mode).
@@ -511,6 +588,8 @@ def figure(rows: list[Row]):
         ax.grid(True, which="both", alpha=0.3)
         if pts:
             ax.legend(fontsize=8, loc="upper left" if zoomed else "lower right")
+    for spare in list(axes.flat)[len(panels):-1]:  # a task count that leaves cells of the grid empty
+        spare.axis("off")
     budget_names = _budget_panel(axes.flat[-1], rows, markers, colors)
     fig.suptitle("peft_mtl: trainable parameters vs dev score (labels: the Pareto front, and in the zoomed and budget "
                  "panels the seed groups and ensembles too; every run is in report.md's table)", fontsize=10)

@@ -364,7 +364,7 @@ def load_base(backbone: str | None = None, precision: str = "auto", device: str 
 
     ``device``: auto (a CUDA GPU if present, else the CPU), cpu, cuda or cuda:N. Sets trained
     on any device load on any device. ``int8=True``: predictions run as int8 ONNX Runtime
-    graphs with each set's adapters merged (CPU only; :mod:`peft_mtl.int8`)."""
+    graphs with each set's adapters merged (CPU only; :mod:`peft_mtl.inference.int8`)."""
     if int8 and device == "auto":
         device = "cpu"
     from ..device import resolve_device, use_device

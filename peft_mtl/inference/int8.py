@@ -2,7 +2,7 @@
 
 ``load_base(int8=True)`` (``--int8`` on predict, eval, ensemble and serve) routes a set's
 predictions through :class:`Int8Runtime`: the first use of a (set, task) exports it with
-:func:`peft_mtl.export.export_task` — adapters merged into the frozen weights, pooling and
+:func:`peft_mtl.inference.graphs.export_task` — adapters merged into the frozen weights, pooling and
 head in the graph — quantizes the graph's weight × activation products to int8
 (per-channel weights, per-batch activations) and keeps the file in a cache keyed by the
 set's files and the backbone, so the next process starts in a second. Sessions stay open
@@ -50,7 +50,7 @@ def set_digest(folder: Path, backbone: str, task: str) -> str:
 
 
 class Int8Runtime:
-    """int8 ONNX Runtime sessions for the (set, task) pairs of one :class:`~peft_mtl.inference.AdapterHost`."""
+    """int8 ONNX Runtime sessions for the (set, task) pairs of one :class:`~peft_mtl.inference.adapter_host.AdapterHost`."""
 
     def __init__(self, threads: int, max_sessions: int = 16, cache: Path | None = None):
         try:

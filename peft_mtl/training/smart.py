@@ -22,7 +22,7 @@ update close, in output space, to where the model has recently been. f(x; θ̃) 
 with ``torch.func.functional_call``: the live parameters are never overwritten, so autograd
 (which saved them for the backward pass) and autocast's cast cache both stay valid.
 
-These are the formulas; :class:`peft_mtl.regularizers.Objective` decides when they run and
+These are the formulas; :class:`peft_mtl.training.regularizers.Objective` decides when they run and
 owns their random state.
 """
 
