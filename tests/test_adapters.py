@@ -5,17 +5,7 @@ from __future__ import annotations
 import torch
 
 from peft_mtl.training.config import TrainConfig
-from peft_mtl.data.loading import collate, encode_texts
-from peft_mtl.model.backbone import load_tokenizer
-from peft_mtl.data.tasks import get_task
-
-
-def batch(tiny_backbone, task="sst", n=4):
-    tok = load_tokenizer(tiny_backbone)
-    inputs = [("a fine film", "a good movie")] * n if get_task(task).is_pair else ["a fine film", "dull and long", "ok", "wow"][:n]
-    enc = encode_texts(get_task(task), inputs, tok)
-    enc.labels[:] = 1
-    return collate(enc, list(range(n)))
+from .helpers import batch
 
 
 def test_fresh_adapter_leaves_encoder_output_unchanged(tiny_backbone):

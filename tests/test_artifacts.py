@@ -11,7 +11,7 @@ from peft_mtl.artifacts import atomic_folder, write_json_atomic
 from peft_mtl.model.saved_sets import MANIFEST, read_manifest
 from peft_mtl.training.train import train
 
-from .test_train import tiny_config
+from .helpers import tiny_config
 
 
 def test_failed_block_leaves_no_folder_and_keeps_the_old_one(tmp_path):

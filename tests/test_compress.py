@@ -16,7 +16,7 @@ from peft_mtl.model.compress import compress_set, lora_scale
 from peft_mtl.model.saved_sets import MANIFEST, AdapterError
 from peft_mtl.training.train import train
 
-from .test_train import tiny_config
+from .helpers import tiny_config
 
 TASKS = ["sst", "qqp", "sts"]
 

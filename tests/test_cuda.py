@@ -31,7 +31,7 @@ def config(tiny_backbone, small_data, out, **overrides):
 def test_trains_resumes_and_saves_on_the_gpu(tiny_backbone, small_data, tmp_path, monkeypatch):
     from peft_mtl.training.train import train
 
-    from .test_resume import interrupt_after
+    from .helpers import interrupt_after
 
     straight = train(config(tiny_backbone, small_data, tmp_path / "straight"), progress=False)
     assert straight["overall"] is not None

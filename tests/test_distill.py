@@ -18,7 +18,7 @@ from peft_mtl.training.config import ConfigError
 from peft_mtl.training.distill import Teacher, TeacherError, check_output_is_not_a_member, distillation_loss, load_teacher
 from peft_mtl.training.train import train
 
-from .test_train import tiny_config
+from .helpers import tiny_config
 
 
 def test_distillation_loss_is_zero_exactly_when_the_student_matches_the_teacher():

@@ -12,7 +12,7 @@ from peft_mtl.cli import main
 from peft_mtl.inference.ensemble import combine, ensemble_predict, member_outputs, predict_mixed
 from peft_mtl.training.train import train
 
-from .test_train import tiny_config
+from .helpers import tiny_config
 
 
 @pytest.fixture(scope="module")

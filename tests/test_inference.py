@@ -12,7 +12,7 @@ from peft_mtl import load_base
 from peft_mtl.model.saved_sets import MANIFEST, AdapterError
 from peft_mtl.training.train import train
 
-from .test_train import tiny_config
+from .helpers import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -103,8 +103,10 @@ def test_int8_ensembles_run_one_graph_per_member(sets, tiny_backbone):
     base.load(sets / "single", name="b")
     enc = base.encode("sst", SENTENCES, "a")
     outs = member_outputs(base, "sst", enc, ["a", "b"], batched=True)  # int8: never the stacked PyTorch pass
+    assert sorted(base.int8.sessions) == [("a", "sst"), ("b", "sst")], "one int8 graph per member, no more"
     for name, out in zip(("a", "b"), outs):
         np.testing.assert_array_equal(out, base.outputs("sst", enc, name))
+    assert len(base.int8.sessions) == 2, "answering each member again reuses its graph"
 
 
 def test_cli_predict_and_eval_take_int8(sets, small_data, capsys):

@@ -13,7 +13,7 @@ from peft_mtl.training import train as train_module
 from peft_mtl.training.config import ConfigError
 from peft_mtl.training.train import train
 
-from .test_train import tiny_config
+from .helpers import tiny_config
 
 # Scripted dev scores: SST peaks in epoch 1, STS in epoch 3, the overall score in epoch 2.
 SCRIPT = {1: {"sst": 0.60, "sts": 0.10}, 2: {"sst": 0.50, "sts": 0.50}, 3: {"sst": 0.20, "sts": 0.55}}

@@ -17,7 +17,7 @@ from peft_mtl.training.regularizers import Objective
 from peft_mtl.training.simcse import run_simcse
 from peft_mtl.training.train import load_task_data
 
-from .test_adapters import batch
+from .helpers import batch
 
 
 def test_no_shared_gives_independent_adapters(tiny_model_factory):

@@ -9,7 +9,7 @@ import pytest
 from peft_mtl.model.saved_sets import MANIFEST
 from peft_mtl.training.train import train
 
-from .test_train import tiny_config
+from .helpers import tiny_config
 
 pytest.importorskip("bitsandbytes")
 

@@ -11,7 +11,7 @@ from peft_mtl.cli import main
 from peft_mtl.experiments.report import pareto
 from peft_mtl.training.train import train
 
-from .test_train import tiny_config
+from .helpers import tiny_config
 
 
 def test_pareto_front():

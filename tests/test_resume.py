@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 
 from peft_mtl.training.checkpoint import CHECKPOINT_DIR, CheckpointMismatch
 from peft_mtl.training.config import TrainConfig
-from peft_mtl.training.optimization import TrainingStep
 from peft_mtl.model.saved_sets import MANIFEST
 from peft_mtl.training.train import train
+from .helpers import interrupt_after
 
 
 def config(tiny_backbone, small_data, out, **overrides) -> TrainConfig:
@@ -25,21 +23,6 @@ def config(tiny_backbone, small_data, out, **overrides) -> TrainConfig:
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
-
-
-def interrupt_after(monkeypatch, steps: int) -> None:
-    """SIGTERM to ourselves after ``steps`` optimiser steps: the loop checkpoints and returns."""
-    real = TrainingStep.__call__
-    count = {"n": 0}
-
-    def counting(self, batches):
-        loss = real(self, batches)
-        count["n"] += 1
-        if count["n"] == steps:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-
-    monkeypatch.setattr(TrainingStep, "__call__", counting)
 
 
 @pytest.mark.parametrize("stop_at", [3, 6])  # mid-epoch 1, and mid-epoch 2 (after a dev evaluation)

@@ -13,7 +13,7 @@ from peft_mtl.training.regularizers import Objective
 from peft_mtl.training.simcse import simcse_loss
 from peft_mtl.training.smart import output_divergence, project, smart_regularizer, symmetric_kl
 
-from .test_adapters import batch
+from .helpers import batch
 
 
 def noisy_model(factory, tasks=("sst",)):

@@ -17,16 +17,9 @@ from peft_mtl.model.saved_sets import MANIFEST
 from peft_mtl.training.train import TrainingError, train
 
 from .conftest import real_data_dir, write_slice
+from .helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(tiny_backbone, small_data, out, **overrides) -> TrainConfig:
-    cfg = TrainConfig(tasks=["sst"], out=str(out), backbone=str(tiny_backbone), data_dir=str(small_data), epochs=2,
-                      batch_size=8, lr=5e-3, precision="fp32", checkpoint_every=0)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
 
 
 def test_single_task_run_writes_exactly_the_documented_files(tiny_backbone, small_data, tmp_path):
