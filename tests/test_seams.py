@@ -156,3 +156,24 @@ def test_routes_are_per_context_and_reset_on_exit():
         thread.start()
         thread.join()
     assert inside is not None and seen["other"] is None and lora_runtime._ROUTE.get() is None
+
+
+def long_functions(source: str, limit: int = 60) -> list[str]:
+    """Functions over ``limit`` lines whose docstring does not say why ("Long on purpose: ...")."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit:
+            if "Long on purpose" not in (ast.get_docstring(node) or ""):
+                found.append(f"{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    return found
+
+
+def test_functions_stay_short_or_say_why():
+    offenders = {str(p.relative_to(PACKAGE)): found for p, s in _sources() if (found := long_functions(s))}
+    assert offenders == {}, "split it, or say in its docstring why it is long"
+
+
+def test_the_length_rule_catches_a_long_function():
+    body = "".join(f"    x{i} = {i}\n" for i in range(70))
+    assert long_functions(f"def f():\n{body}") == ["f (71 lines)"]
+    assert long_functions(f'def f():\n    """Long on purpose: a table."""\n{body}') == []

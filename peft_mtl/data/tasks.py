@@ -166,7 +166,11 @@ def read_task_file(path: str | Path) -> dict:
 
 
 def spec_from_file(path: str | Path, builtin: bool = False) -> TaskSpec:
-    """Validate a task file and build its spec (labels not yet inferred: see :func:`infer_labels`)."""
+    """Validate a task file and build its spec (labels not yet inferred: see :func:`infer_labels`).
+
+    Long on purpose: one check per field, in the order a task file is read, each failing with the
+    file, the field and the fix.
+    """
     path = Path(path)
     data = read_task_file(path)
 

@@ -148,6 +148,11 @@ def _our_training_step(cfg, splits, batch_size: int, steps: int, seed: int = 0):
 
 
 def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int = 5, quick: bool = False) -> dict:
+    """Every measurement of ``peft-mtl bench``, against the plain pipeline on the same machine; the result dict.
+
+    Long on purpose: the benchmark protocol read top to bottom (environment, peaks, training rows,
+    inference rows), each step one call.
+    """
     from ..model.backbone import load_tokenizer, resolve_backbone
     from ..training.config import TrainConfig
     from ..data.loading import default_data_dir, encode_split, load_split, task_file
@@ -299,6 +304,9 @@ def _plain_hf(path: Path, tokenizer, train_split, dev_split, steps: int, repeats
 
 
 def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members: int, repeats: int, quick: bool):
+    """Long on purpose: every inference measurement shares the loaded sets and timing set-up; split,
+    each part would rebuild them.
+    """
     from ..model.backbone import load_encoder
     from ..training.config import TrainConfig
     from ..data.loading import EncodedSplit

@@ -536,7 +536,10 @@ def plot(rows: list[Row], path: Path) -> None:
 
 def figure(rows: list[Row]):
     """Six panels: overall (full range and zoomed on the best runs) and each task's metric against
-    trainable parameters, and overall against the training budget."""
+    trainable parameters, and overall against the training budget.
+
+    Long on purpose: one matplotlib figure, panel by panel, with the shared marker and colour choices in view.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

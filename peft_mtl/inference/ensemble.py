@@ -337,7 +337,10 @@ def evaluate_ensemble(folders: list[Path], settings: EnsembleSettings, backbone:
     Every task some member has is scored with the members that have it (single-task sets
     combine into one multi-task ensemble). The result holds each task's metrics and the
     overall score; with ``select`` it also holds the chosen weights and their cross-fitted
-    score (weights chosen on one half of the split, scored on the other)."""
+    score (weights chosen on one half of the split, scored on the other).
+
+    Long on purpose: the per-task loop keeps the members, encodings and cache it shares in one place.
+    """
     from ..model.saved_sets import read_manifest
     from .adapter_host import load_base
     from .scoring import load_eval_splits

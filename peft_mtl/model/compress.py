@@ -77,6 +77,9 @@ def compress_set(src: str | Path, out: str | Path, rank: int, task_rank: int | N
     default's ratio, 32 / 16), so a fine-tune with ``--init-from`` continues at the usual step
     size. Heads, task specs and the rest of the manifest are copied; the dev metrics are not
     (they belong to the uncompressed set) — re-evaluate the new set (``peft-mtl compress`` does).
+
+    Long on purpose: one atomic folder write, adapter by adapter; the steps share the temporary
+    folder and the counts.
     """
     src, out = Path(src), Path(out)
     manifest = read_manifest(src)

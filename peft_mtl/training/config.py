@@ -173,7 +173,10 @@ class TrainConfig:
         """Check every field and every combination; raise ConfigError naming the flags.
 
         Pure: task files are read but not registered (:func:`peft_mtl.data.tasks.resolve_tasks`
-        does that when a run is prepared)."""
+        does that when a run is prepared).
+
+        Long on purpose: a flat list of checks, one per field or combination, read top to bottom.
+        """
 
         def flag(path: str) -> str:
             return flag_for(TrainConfig, path)

@@ -182,7 +182,11 @@ class Run:
 
 
 def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
-    """Backbone, data, model, optimiser, objective, streams — and the checkpoint if resuming."""
+    """Backbone, data, model, optimiser, objective, streams — and the checkpoint if resuming.
+
+    Long on purpose: the setup of a run read top to bottom (data, model, optimiser, objective,
+    checkpoint), each part one call.
+    """
     out = Path(cfg.out)
     resolve_tasks(cfg.tasks, cfg.strict_data)  # file tasks become known by name (get_task)
     dist = setup_distributed()
