@@ -79,3 +79,43 @@ def test_every_peft_mtl_name_in_docstrings_and_docs_resolves():
 def test_the_name_check_catches_a_moved_module():
     assert unresolved_names("see :func:`peft_mtl.stacked.grouped_lora` and peft_mtl.model.lora_runtime.install") \
         == ["peft_mtl.stacked.grouped_lora"]
+
+
+def undeclared_deferred_imports(source: str) -> list[str]:
+    """Imports inside functions without a comment saying why they are deferred (``# deferred: ...``
+    on the import or just above it), unless guarded by ``except ImportError`` (an optional extra)."""
+    import ast
+
+    tree = ast.parse(source)
+    lines = source.split("\n")
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError", "Exception")
+                for h in node.handlers):
+            guarded |= {id(n) for b in node.body for n in ast.walk(b)}
+    found = []
+    for func in ast.walk(tree):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(func):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in guarded:
+                nearby = lines[max(0, node.lineno - 3):node.end_lineno]
+                if not any("deferred" in line for line in nearby):
+                    found.append(f"line {node.lineno}: {lines[node.lineno - 1].strip()}")
+    return found
+
+
+def test_imports_inside_functions_are_deliberate_deferrals():
+    """Imports go at the top; one inside a function defers a heavy or optional library and says so."""
+    sources = {str(p.relative_to(REPO)): p.read_text(encoding="utf-8") for p in (REPO / "peft_mtl").rglob("*.py")}
+    offenders = {path: found for path, text in sources.items() if (found := undeclared_deferred_imports(text))}
+    assert offenders == {}
+
+
+def test_the_deferral_rule_catches_an_unexplained_import():
+    assert undeclared_deferred_imports("def f():\n    from .model import x\n    return x\n") == \
+        ["line 2: from .model import x"]
+    assert undeclared_deferred_imports("def f():\n    import yaml  # deferred: only YAML files need it\n") == []
+    assert undeclared_deferred_imports("def f():\n    try:\n        import uvicorn\n    except ImportError:\n"
+                                       "        pass\n") == []

@@ -34,11 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    # deferred: torch, transformers and peft
-    from ..artifacts import write_json_atomic
-    from ..inference.scoring import evaluate_folder
-    from ..model.compress import compress_set
-    from ..model.saved_sets import MANIFEST
+    from ..artifacts import write_json_atomic  # deferred: the rest load torch, transformers and peft
+    from ..inference.scoring import evaluate_folder  # deferred: as above
+    from ..model.compress import compress_set  # deferred: as above
+    from ..model.saved_sets import MANIFEST  # deferred: as above
 
     result = compress_set(args.folder, args.out, args.rank, args.task_rank, overwrite=args.overwrite)
     manifest_path = Path(args.out) / MANIFEST

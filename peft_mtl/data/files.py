@@ -63,7 +63,6 @@ class Example:
 @dataclass
 class LoadedSplit:
     """The usable rows of one task file plus what was skipped and why."""
-
     task: TaskSpec
     path: Path
     examples: list[Example]
@@ -232,7 +231,7 @@ def _jsonl_rows(path: Path, task: TaskSpec) -> Iterator[tuple[int, list | None, 
 def _arrow_rows(path: Path, task: TaskSpec) -> Iterator[tuple[int, list | None, object, str | None]]:
     """Parquet files and ``datasets`` folders (``save_to_disk``), through ``datasets`` (memory-mapped Arrow)."""
     try:
-        import datasets
+        import datasets  # deferred: datasets is heavy and only Parquet/Arrow files need it
     except ImportError:
         raise DataError(f"{path}: reading Parquet or datasets folders needs the `datasets` package "
                         f"(pip install datasets)") from None

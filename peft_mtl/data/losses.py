@@ -52,8 +52,8 @@ def dual_objective(logits: torch.Tensor, labels: torch.Tensor, **_) -> torch.Ten
     ``L = -1/N Σ_i Σ_j [y_ij log σ(x_ij) + (1 - y_ij) log(1 - σ(x_ij))]`` — each class is its
     own binary problem; the sum over classes is averaged over the batch.
     """
-    import torch
-    import torch.nn.functional as F  # deferred: the registry imports without torch
+    import torch  # deferred: the registry imports without torch
+    import torch.nn.functional as F  # deferred: as above
 
     targets = F.one_hot(labels, logits.shape[-1]).to(torch.float32)
     per_class = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")

@@ -81,7 +81,9 @@ def pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
     p, y = np.asarray(predictions, dtype=np.float64), np.asarray(labels, dtype=np.float64)
     if len(p) < 2 or p.std() == 0 or y.std() == 0:
         return 0.0  # undefined correlation; 0 is the honest "no linear relation" value
-    from scipy.stats import pearsonr
+    from scipy.stats import (
+        pearsonr,  # deferred: scipy.stats is slow to import and the command line imports this registry
+    )
 
     return float(pearsonr(p, y).statistic)
 
@@ -91,7 +93,9 @@ def spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
     p, y = np.asarray(predictions, dtype=np.float64), np.asarray(labels, dtype=np.float64)
     if len(p) < 2 or p.std() == 0 or y.std() == 0:
         return 0.0
-    from scipy.stats import spearmanr
+    from scipy.stats import (
+        spearmanr,  # deferred: scipy.stats is slow to import and the command line imports this registry
+    )
 
     return float(spearmanr(p, y).statistic)
 

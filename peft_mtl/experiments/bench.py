@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import re
 import resource
 import statistics
 import tempfile
@@ -23,10 +24,55 @@ from typing import Callable
 
 import numpy as np
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertModel,
+    DataCollatorWithPadding,
+)
 
 from ..artifacts import write_json_atomic
+from ..data.loading import (
+    BatchStream,
+    EncodedSplit,
+    collate,
+    default_data_dir,
+    encode_split,
+    load_split,
+    task_file,
+)
+from ..data.tasks import get_task
+from ..device import (
+    autocast,
+    configure_threads,
+    cpu_supports_bf16,
+    current,
+    on_cuda,
+    resolve_device,
+    resolve_precision,
+    use_device,
+)
+from ..device import name as device_name
+from ..inference.adapter_host import load_base
+from ..inference.ensemble import member_outputs
+from ..inference.evaluate import raw_outputs
 from ..model import lora_runtime
-
+from ..model.adapters import add_adapters
+from ..model.backbone import (
+    backbone_identity,
+    load_encoder,
+    load_tokenizer,
+    resolve_backbone,
+    set_dropout,
+)
+from ..model.heads import make_head
+from ..model.multitask import MultiTaskModel, build_model
+from ..model.saved_sets import build_head, load_head_weights, read_manifest, save_run
+from ..training.config import TrainConfig
+from ..training.optimization import TrainingStep, build_optimizer, build_scheduler
+from ..training.regularizers import Objective
 
 _T0 = time.perf_counter()
 
@@ -66,8 +112,6 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
 
 def cpu_info() -> dict:
     """The CPU model, the flags that decide which kernels are fast, and a short name for its kind."""
-    import re
-
     model, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
@@ -99,7 +143,6 @@ def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
 
 
 def step_flops(step: Callable[[], None]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
@@ -111,21 +154,11 @@ def step_flops(step: Callable[[], None]) -> float:
 
 
 def _our_training_step(cfg, splits, batch_size: int, steps: int, seed: int = 0):
-    from ..model.backbone import load_encoder, resolve_backbone
-    from ..data.loading import BatchStream
-    from ..model.multitask import build_model
-    from ..training.optimization import TrainingStep, build_optimizer, build_scheduler
-    from ..training.regularizers import Objective
-    from ..device import resolve_precision
-
     torch.manual_seed(seed)
     _, path = resolve_backbone(cfg.backbone)
     encoder = load_encoder(path)
     if cfg.backbone_dropout is not None:
-        from ..model.backbone import set_dropout
-
         set_dropout(encoder, cfg.backbone_dropout)
-    from ..device import current
 
     model = build_model(cfg, encoder, encoder.config.hidden_size).to(current())
     model.train()
@@ -153,13 +186,6 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
     Long on purpose: the benchmark protocol read top to bottom (environment, peaks, training rows,
     inference rows), each step one call.
     """
-    from ..model.backbone import load_tokenizer, resolve_backbone
-    from ..training.config import TrainConfig
-    from ..data.loading import default_data_dir, encode_split, load_split, task_file
-    from ..device import configure_threads, resolve_precision
-    from ..data.tasks import get_task
-
-    from ..device import resolve_device, use_device
 
     started = time.perf_counter()
     threads = configure_threads()
@@ -174,7 +200,6 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
     train_enc = encode_split(train_split, tokenizer)
     dev_enc = encode_split(dev_split, tokenizer)
     batch = 32
-    from ..device import cpu_supports_bf16, name as device_name
 
     result: dict = {"machine": {"threads": threads, "precision": precision, "backbone": name,
                                 "torch": torch.__version__, "device": device_name(),
@@ -250,8 +275,6 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
 
 
 def _plain_hf(path: Path, tokenizer, train_split, dev_split, steps: int, repeats: int) -> dict:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=5)
@@ -307,13 +330,6 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
     """Long on purpose: every inference measurement shares the loaded sets and timing set-up; split,
     each part would rebuild them.
     """
-    from ..model.backbone import load_encoder
-    from ..training.config import TrainConfig
-    from ..data.loading import EncodedSplit
-    from ..inference.ensemble import member_outputs
-    from ..inference.adapter_host import load_base
-    from ..model.saved_sets import save_run
-    from ..model.multitask import build_model
 
     log("bench: inference, swap, load, memory")
     tmp = Path(tempfile.mkdtemp(prefix="peft_mtl_bench_"))
@@ -326,7 +342,6 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
             for n, p in model.named_parameters():
                 if lora_runtime.is_lora_b(n):
                     p.normal_(0, 0.01)
-        from ..model.backbone import backbone_identity
 
         manifest = {"mode": "lora", "tasks": ["sst"], "backbone": backbone_identity(name, model.encoder).to_dict(),
                     "backbone_source": None, "pair_encoding": "cross", "max_length": 128, "config": cfg.to_dict(),
@@ -377,7 +392,6 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
         merged_s = median_time(lambda: _run_plain(merged, dev_enc), repeats, 1)
     # --int8: the set as an int8 ONNX Runtime graph (built once, before timing), CPU only.
     int8_s = None
-    from ..device import on_cuda
 
     if not on_cuda():
         try:
@@ -427,13 +441,7 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
 
 
 def _merged_copy(path: Path, folder: Path):
-    from peft import PeftModel
-
-    from ..model.backbone import load_encoder
-
     encoder = PeftModel.from_pretrained(load_encoder(path), str(folder)).merge_and_unload()
-    from ..model.multitask import MultiTaskModel
-    from ..model.saved_sets import build_head, load_head_weights, read_manifest
 
     manifest = read_manifest(folder)
     head = build_head(manifest["head_specs"]["sst"], 384)
@@ -444,22 +452,11 @@ def _merged_copy(path: Path, folder: Path):
 
 
 def _run_plain(model, enc) -> None:
-    from ..inference.evaluate import raw_outputs
-    from ..device import resolve_precision
 
     raw_outputs(model, enc, 128, resolve_precision("auto"), False)
 
 
 def _bert_base_sized(train_enc, repeats: int) -> dict:
-    from transformers import BertConfig, BertModel
-
-    from ..training.config import TrainConfig
-    from ..model.heads import make_head
-    from ..model.multitask import MultiTaskModel
-    from ..model.adapters import add_adapters
-    from ..data.tasks import get_task
-    from ..data.loading import collate
-    from ..device import autocast, resolve_precision
 
     log("bench: bert-base-sized random model")
     torch.manual_seed(0)

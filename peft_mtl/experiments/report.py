@@ -488,7 +488,9 @@ MARKER_SIZE = 70  # scatter size (points^2) of every run's marker
 
 def _marker_boxes(fig, ax) -> list:
     """Display-space boxes of every marker drawn in ``ax`` (labels must not cover them)."""
-    from matplotlib.transforms import Bbox
+    from matplotlib.transforms import (
+        Bbox,  # deferred: matplotlib is slow to import and only plots need it
+    )
 
     half = (MARKER_SIZE ** 0.5) / 2 * fig.dpi / 72
     boxes = []
@@ -525,7 +527,7 @@ def _label_without_overlaps(fig, ax, points: list, x=lambda r: max(r.trainable, 
 
 def plot(rows: list[Row], path: Path) -> None:
     """Write the trainable-parameters-vs-score figure to ``path`` (PNG, atomically)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is slow to import and only plots need it
 
     fig = figure(rows)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -540,10 +542,10 @@ def figure(rows: list[Row]):
 
     Long on purpose: one matplotlib figure, panel by panel, with the shared marker and colour choices in view.
     """
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is slow to import and only plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is slow to import and only plots need it
 
     overall = lambda r: r.overall  # noqa: E731
     # (score key, title, value of a row, zoomed): the zoomed overall panel spreads out the crowd of

@@ -41,13 +41,15 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from ..artifacts import write_json_atomic
-from ..training.config import ConfigError, config_from_flags
+from ..artifacts import folder_bytes, write_json_atomic
+from ..data.metrics import overall_score
 from ..model.saved_sets import MANIFEST
+from ..training.config import ConfigError, config_from_flags
+
 
 def summary_paths(spec: "SweepSpec", out: Path) -> tuple[Path, Path]:
     """Where a sweep's table goes: named after its file, so sweeps sharing a folder keep their own."""
@@ -58,7 +60,6 @@ def summary_paths(spec: "SweepSpec", out: Path) -> tuple[Path, Path]:
 @dataclass
 class SweepSpec:
     """What to train: ``base`` flags shared by all, one flag list per recipe, the seeds."""
-
     recipes: dict[str, list[str]]
     base: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -263,7 +264,6 @@ def _manifests(spec: SweepSpec, out: Path) -> dict[str, dict[int, dict]]:
 
 
 def _bytes(manifest: dict, folder: Path) -> int:
-    from ..artifacts import folder_bytes
 
     return int(manifest["bytes_on_disk"]) if "bytes_on_disk" in manifest else folder_bytes(folder)
 
@@ -291,8 +291,6 @@ def _recipe_summary(name: str, flags: list[str], runs: dict[int, dict]) -> dict:
 
 def _combined_summary(parts: list[str], runs: dict[str, dict[int, dict]], seeds: list[int], out: Path) -> dict:
     """Each task from the run that trained it, seed by seed (only seeds every part has finished)."""
-    from ..data.metrics import overall_score
-
     complete = [s for s in seeds if all(s in runs[p] for p in parts)]
     if not complete:
         return {"parts": parts, "seeds": []}
@@ -445,7 +443,6 @@ def archive(spec: SweepSpec, out: Path, dest: Path) -> int:
     weights had (``bytes_on_disk``) — so a sweep can be listed in ``peft-mtl report`` from a
     repository that does not carry its weights.
     """
-    from ..artifacts import folder_bytes
 
     copied = 0
     for job in plan(spec, out):

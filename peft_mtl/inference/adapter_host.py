@@ -21,19 +21,34 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from peft import PeftModel
 
+from ..data.loading import EncodedSplit, encode_texts
+from ..data.tasks import TaskSpec, get_task
+from ..device import configure_threads, resolve_device, resolve_precision, use_device
 from ..errors import UserError
 from ..model import lora_runtime
 from ..model.adapters import load_adapter_into_existing_layers
-from ..model.backbone import (BackboneIdentity, backbone_identity, freeze, load_encoder, load_tokenizer,
-                              resolve_backbone)
-from ..data.loading import EncodedSplit, encode_texts
-from .evaluate import predictions_from_outputs, probabilities, raw_outputs
+from ..model.backbone import (
+    BackboneIdentity,
+    backbone_identity,
+    freeze,
+    load_encoder,
+    load_tokenizer,
+    resolve_backbone,
+)
 from ..model.multitask import MultiTaskModel
-from ..model.saved_sets import (MANIFEST, AdapterError, build_head, check_adapter_files, check_backbone, load_head_weights,
-                    read_manifest)
-from ..device import configure_threads, resolve_precision
-from ..data.tasks import TaskSpec, get_task
+from ..model.saved_sets import (
+    MANIFEST,
+    AdapterError,
+    build_head,
+    check_adapter_files,
+    check_backbone,
+    load_head_weights,
+    read_manifest,
+)
+from .evaluate import predictions_from_outputs, probabilities, raw_outputs
+from .int8 import Int8Runtime
 
 SEP = "__"
 
@@ -41,7 +56,6 @@ SEP = "__"
 @dataclass
 class AdapterSet:
     """What is known about one loaded set."""
-
     name: str
     folder: Path
     manifest: dict
@@ -84,8 +98,6 @@ class AdapterHost:
         self._lora_layer_index: dict | None = None  # module name -> peft LoRA layer
         self.int8 = None
         if int8:
-            from .int8 import Int8Runtime
-
             if encoder.device.type != "cpu":
                 raise UserError("int8 inference runs on the CPU (ONNX Runtime); use device='cpu' (--device cpu)")
             self.int8 = Int8Runtime(torch.get_num_threads())
@@ -119,7 +131,6 @@ class AdapterHost:
 
     def _load_adapters(self, folder: Path, name: str, manifest: dict, tasks: list[str],
                        specs: dict[str, TaskSpec]) -> AdapterSet:
-        from peft import PeftModel
 
         loaded: list[str] = []
         for adapter, rel in manifest["adapters"].items():
@@ -367,7 +378,6 @@ def load_base(backbone: str | None = None, precision: str = "auto", device: str 
     graphs with each set's adapters merged (CPU only; :mod:`peft_mtl.inference.int8`)."""
     if int8 and device == "auto":
         device = "cpu"
-    from ..device import resolve_device, use_device
 
     configure_threads()
     where = use_device(resolve_device(device))

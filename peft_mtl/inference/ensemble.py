@@ -29,15 +29,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts import folder_bytes, write_json_atomic
-from ..data.metrics import overall_score
+from ..data.loading import EncodedSplit, encode_texts, iterate_batches, pad_sequences
+from ..data.metrics import METRICS, overall_score
+from ..data.tasks import TaskSpec
+from ..device import autocast
 from ..errors import UserError
-from ..data.loading import EncodedSplit, iterate_batches
+from ..model.lora_runtime import stacked_lora
+from ..model.saved_sets import read_manifest
+from .adapter_host import AdapterHost, format_predictions, load_base
 from .evaluate import predictions_from_outputs, probabilities, score
 from .output_cache import OutputCache
-from .adapter_host import AdapterHost, format_predictions
-from ..device import autocast
-from ..model.lora_runtime import stacked_lora
-from ..data.tasks import TaskSpec
+from .scoring import load_eval_splits
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,6 @@ def greedy_weights(task: TaskSpec, labels: np.ndarray, outputs: list[np.ndarray]
     improves the score or after ``max_rounds``. Returns how often each member was picked:
     its weight in :func:`combine` (0 = left out). Members may differ per task.
     """
-    from ..data.metrics import METRICS
 
     rows = np.arange(len(labels)) if rows is None else rows
     metric = METRICS[task.primary_metric].fn
@@ -266,7 +267,6 @@ def predict_mixed(base: AdapterHost, requests: list[tuple[str, object]], adapter
     ``requests`` is a list of (task, input). Single-sentence and cross-encoded pair
     requests share one padded batch; each row is routed to its task's adapter.
     """
-    from ..data.loading import encode_texts, pad_sequences
 
     name = adapters or base.active
     aset = base.get(name)
@@ -316,7 +316,6 @@ SELECTION_METHODS = {
 @dataclass
 class EnsembleSettings:
     """How ``peft-mtl ensemble`` combines and scores its members (flags of the same names)."""
-
     method: str = "mean"  # classification: mean | vote
     regression_method: str = "mean"  # mean | median
     weights: list[float] | None = None  # one per member folder, same for every task
@@ -341,9 +340,6 @@ def evaluate_ensemble(folders: list[Path], settings: EnsembleSettings, backbone:
 
     Long on purpose: the per-task loop keeps the members, encodings and cache it shares in one place.
     """
-    from ..model.saved_sets import read_manifest
-    from .adapter_host import load_base
-    from .scoring import load_eval_splits
 
     if len(folders) < 2:
         raise UserError("an ensemble needs at least two adapter-set folders")

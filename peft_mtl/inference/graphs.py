@@ -18,14 +18,18 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import contextmanager
-from typing import Iterator
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
+from ..data.loading import encode_texts, pad_sequences
 from ..errors import UserError
+from ..model import lora_runtime
+from ..model.backbone import load_encoder, resolve_backbone
 from ..model.heads import apply_head
 
 PROBES = ["a gorgeous, witty, seductive movie.", "the plot is dull and the acting is worse.", "it is a film.",
@@ -43,7 +47,6 @@ class ExportError(UserError):
 
 class TaskGraph(nn.Module):
     """Encoder (adapters merged) + pooling + head, as one module with tensor inputs only."""
-
     def __init__(self, encoder: nn.Module, head: nn.Module, pooling: str, kind: str, token_types: bool):
         super().__init__()
         self.encoder, self.head, self.pooling, self.kind, self.token_types = encoder, head, pooling, kind, token_types
@@ -56,8 +59,6 @@ class TaskGraph(nn.Module):
 
 def merged_encoder(base, set_name: str, task: str) -> nn.Module:
     """A plain (peft-free) copy of the backbone with ``task``'s active LoRA deltas added to its weights."""
-    from ..model.backbone import load_encoder, resolve_backbone
-
     aset = base.get(set_name)
     if aset.model is not None:  # full fine-tuning: its own encoder already holds everything
         return aset.model.encoder
@@ -66,7 +67,6 @@ def merged_encoder(base, set_name: str, task: str) -> nn.Module:
     names = base.routing(set_name, task)
     if not names:
         return encoder
-    from ..model import lora_runtime
 
     try:
         deltas = lora_runtime.merged_deltas(base.encoder, names)
@@ -81,8 +81,6 @@ def merged_encoder(base, set_name: str, task: str) -> nn.Module:
 
 
 def _inputs(base, spec, max_length: int, pair_encoding: str, token_types: bool):
-    from ..data.loading import encode_texts, pad_sequences
-
     probes = PAIR_PROBES if spec.is_pair else PROBES
     enc = encode_texts(spec, probes, base.tokenizer, max_length, pair_encoding)
     batch = pad_sequences(enc.segments[0], base.pad_id)
@@ -151,7 +149,10 @@ def quantize_onnx(path: Path, out: Path) -> None:
     Only weight × activation products are quantized (attention's activation × activation
     products stay fp32), so the int8 error is the weights' and the per-batch activation scale's.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import (  # deferred: onnxruntime is the optional export extra
+        QuantType,
+        quantize_dynamic,
+    )
 
     with _quiet_root_logger():  # ORT logs a "consider pre-processing" notice through the root logger
         quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=True,
@@ -173,7 +174,7 @@ def _quiet_root_logger() -> Iterator[None]:
 
 def to_openvino(onnx_path: Path) -> Path:
     """OpenVINO IR (``.xml`` + ``.bin``) beside an ONNX graph; the ONNX file is removed."""
-    import openvino as ov
+    import openvino as ov  # deferred: openvino is the optional openvino extra
 
     xml = onnx_path.with_suffix(".xml")
     ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
@@ -184,13 +185,13 @@ def to_openvino(onnx_path: Path) -> Path:
 def run_graph(path: Path, feeds: dict, threads: int | None = None) -> np.ndarray:
     """Outputs of an exported graph (``.onnx`` on ONNX Runtime, ``.xml`` on OpenVINO) for one batch."""
     if path.suffix == ".xml":
-        import openvino as ov
+        import openvino as ov  # deferred: openvino is the optional openvino extra
 
         # OpenVINO's CPU plugin computes in bf16 by default where the CPU has native bf16 (~4e-3
         # off the fp32 graph); f32 keeps an export answering as the PyTorch set it was checked against.
         config = {"INFERENCE_PRECISION_HINT": "f32"} | ({"INFERENCE_NUM_THREADS": threads} if threads else {})
         return ov.Core().compile_model(str(path), "CPU", config)(feeds)[0]
-    import onnxruntime as ort
+    import onnxruntime as ort  # deferred: onnxruntime is the optional export extra
 
     options = ort.SessionOptions()
     if threads:
@@ -200,8 +201,6 @@ def run_graph(path: Path, feeds: dict, threads: int | None = None) -> np.ndarray
 
 def run_onnx(export_dir: str | Path, task: str, inputs: list, precision: str = "fp32") -> np.ndarray:
     """Raw outputs of an exported task for sentences or pairs (what the README snippet does by hand)."""
-    from transformers import AutoTokenizer
-
     export_dir = Path(export_dir)
     record = json.loads((export_dir / "export.json").read_text())
     entry = record["tasks"][task]

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.loading import iterate_batches
 from ..errors import UserError
+from .graphs import ExportError, export_task
 
 FORMAT_VERSION = "1"  # bump when the exported graph changes, so cached graphs are rebuilt
 
@@ -51,7 +53,6 @@ def set_digest(folder: Path, backbone: str, task: str) -> str:
 
 class Int8Runtime:
     """int8 ONNX Runtime sessions for the (set, task) pairs of one :class:`~peft_mtl.inference.adapter_host.AdapterHost`."""
-
     def __init__(self, threads: int, max_sessions: int = 16, cache: Path | None = None):
         try:
             import onnxruntime  # noqa: F401
@@ -69,8 +70,6 @@ class Int8Runtime:
 
     def outputs(self, base, set_name: str, task: str, encoded, batch_size: int = 128) -> np.ndarray:
         """Raw head outputs of ``task`` for ``encoded`` inputs, in their order (like ``AdapterHost.outputs``)."""
-        from ..data.loading import iterate_batches
-
         session, names = self._session(base, set_name, task)
         chunks, order = [], []
         for batch in iterate_batches(encoded, batch_size, None, base.pad_id):
@@ -83,7 +82,7 @@ class Int8Runtime:
         return result
 
     def _session(self, base, set_name: str, task: str):
-        import onnxruntime as ort
+        import onnxruntime as ort  # deferred: onnxruntime is the optional export extra
 
         key = (set_name, task)
         if key in self.sessions:
@@ -100,8 +99,6 @@ class Int8Runtime:
 
     def _graph(self, base, set_name: str, task: str) -> tuple[Path, list[str]]:
         """The cached int8 graph of (set, task), exported and quantized on first use."""
-        from .graphs import ExportError, export_task
-
         aset = base.sets[set_name]
         folder = self.cache / set_digest(aset.folder, base.identity.name, task)
         graph, meta = folder / "model.int8.onnx", folder / "inputs.json"

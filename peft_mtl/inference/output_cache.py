@@ -22,7 +22,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from .. import __version__
 from ..data.loading import EncodedSplit
 
 CACHE_FORMAT = 1
@@ -61,7 +63,6 @@ def inputs_fingerprint(encoded: EncodedSplit) -> str:
 
 class OutputCache:
     """Member outputs on encoded splits, stored as ``.npy`` files under ``root``."""
-
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
         self._folders: dict[Path, str] = {}
@@ -71,10 +72,6 @@ class OutputCache:
 
     def key(self, base, member: str, task: str, encoded: EncodedSplit) -> str:
         """The entry name for ``member``'s outputs on ``encoded`` as ``base`` would compute them."""
-        import torch
-
-        from .. import __version__
-
         aset = base.sets[member]
         folder = aset.folder.resolve()
         if folder not in self._folders:

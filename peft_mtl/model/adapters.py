@@ -8,6 +8,10 @@ peft adds both deltas: ``W + s_shared B_s A_s + s_t B_t A_t``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UserError
@@ -22,7 +26,6 @@ def add_adapters(encoder: nn.Module, names: list[str], settings: LoraSettings) -
 
     Every adapter starts trainable; the backbone's own weights stay frozen.
     """
-    from peft import get_peft_model
 
     if not names:
         raise UserError("add_adapters needs at least one adapter name")
@@ -54,10 +57,6 @@ def load_adapter_into_existing_layers(peft_model: nn.Module, path, adapter_name:
     (another peft type, DoRA, rank/alpha patterns, new target modules, a peft version with
     another ``update_layer``) returns False so the caller uses ``load_adapter``.
     """
-    from pathlib import Path
-
-    from peft import LoraConfig
-    from safetensors.torch import load_file
 
     path = Path(path)
     try:

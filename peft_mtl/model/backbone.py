@@ -16,9 +16,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
+from .. import device
+from ..device import quantized_compute_dtype
 from ..errors import UserError
 from . import lora_runtime
+from .kernels import register_attention, use_fast_dropout
 
 DEFAULT_BACKBONE = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {"default", DEFAULT_BACKBONE.lower(), "sentence-transformers/all-minilm-l6-v2"}
@@ -91,8 +96,6 @@ def resolve_backbone(name_or_path: str | None) -> tuple[str, Path]:
 
 
 def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # transformers raises many types here; one message is enough
@@ -107,11 +110,6 @@ def load_encoder(path: Path, attn_implementation: str | None = None) -> nn.Modul
     backward pass several times slower at these sequence lengths (reports/speed.md); its
     dropouts draw a quarter of the random numbers torch's do (kernels.fast_dropout).
     """
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
-    from .. import device
-    from .kernels import register_attention, use_fast_dropout
 
     hf_logging.disable_progress_bar()
     # CPU: the registered eager attention with fast dropout; CUDA: PyTorch's SDPA (device.py).
@@ -202,8 +200,6 @@ def load_quantized_encoder(path: Path, quantize: str, for_training: bool = True)
     if quantize == "int8":
         qconfig = BitsAndBytesConfig(load_in_8bit=True)
     else:
-        from ..device import quantized_compute_dtype
-
         qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                      bnb_4bit_compute_dtype=quantized_compute_dtype())
     try:

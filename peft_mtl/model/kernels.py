@@ -24,7 +24,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
-
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 ATTENTION_NAME = "peft_mtl"
 _INT16_SPAN = 65536
@@ -92,7 +93,6 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
 
 class FastDropout(nn.Dropout):
     """Drop-in ``nn.Dropout`` that uses :func:`fast_dropout`."""
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fast_dropout(x, self.p, self.training)
 
@@ -114,9 +114,6 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 def register_attention() -> str:
     """Make ``attn_implementation="peft_mtl"`` available to transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
     AttentionInterface.register(ATTENTION_NAME, attention_forward)
     # The eager additive mask is what this attention function expects.
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])

@@ -49,7 +49,9 @@ def lora_targets(encoder: "nn.Module", preset: str, layers: list[int] | None = N
     """
     from torch import nn  # deferred: configs import without torch (a fast CLI)
 
-    from .lora_runtime import is_peft_sublayer  # deferred: peft is heavy; configs import without it
+    from .lora_runtime import (
+        is_peft_sublayer,  # deferred: peft is heavy; configs import without it
+    )
 
     prefix, blocks = transformer_blocks(encoder)
     names = []
@@ -104,7 +106,9 @@ class LoraSettings:
 
     def to_peft(self, targets: list[str]):
         """peft's LoraConfig for these settings on ``targets`` (from :meth:`target_modules`)."""
-        from peft import LoraConfig
+        from peft import (
+            LoraConfig,  # deferred: peft is heavy; configs import without it (a fast command line)
+        )
 
         kwargs = dict(
             r=self.rank,

@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
 
+import peft
 import torch
 from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
@@ -64,7 +65,6 @@ def _version_tuple(text: str) -> tuple[int, int]:
 
 
 def check_peft_version() -> None:
-    import peft
 
     low, high = PEFT_CHECKED
     if not low <= _version_tuple(peft.__version__) < high:
@@ -285,7 +285,6 @@ def merged_deltas(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]
 
 class _Route:
     """A way of running LoRA layers for the duration of a ``with`` block."""
-
     layers: frozenset[int] | None = None  # ids of the layers it covers (None: every layer)
 
     def covers(self, layer: nn.Module) -> bool:
@@ -557,7 +556,6 @@ def _bf16_input(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class StackedLayer:
     """The stacked LoRA factors of one adapted linear layer."""
-
     A: torch.Tensor  # (k, d_in, R)
     B: torch.Tensor  # (k, R, d_out), LoRA scaling folded in
 
@@ -634,7 +632,6 @@ def stacked_lora(stacked: dict[nn.Module, StackedLayer | None]) -> Iterator[None
 @dataclass
 class RowGroup:
     """Rows ``start:end`` of a batch run with the LoRA factors of one adapter combination."""
-
     start: int
     end: int
     factors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor] | None]  # layer -> (A^T, B^T · s)

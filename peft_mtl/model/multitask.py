@@ -7,16 +7,18 @@ embedding-layer output is how SMART probes smoothness without running the embedd
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from . import lora_runtime
-from .adapters import SHARED_ADAPTER, activate
-from .heads import apply_head, pool
 from ..data.tasks import get_task
+from . import lora_runtime
+from .adapters import SHARED_ADAPTER, activate, add_adapters
+from .backbone import freeze
+from .heads import apply_head, make_head, pool
 
 
 class MultiTaskModel(nn.Module):
@@ -121,7 +123,6 @@ class MultiTaskModel(nn.Module):
         DeBERTa-v2 (one or no segment embedding), where a second segment's 1s would be out of range."""
         if "_uses_token_types" not in self.__dict__:
             base = self.encoder.get_base_model() if hasattr(self.encoder, "get_base_model") else self.encoder
-            import inspect
 
             takes = "token_type_ids" in inspect.signature(base.forward).parameters
             self.__dict__["_uses_token_types"] = takes and getattr(base.config, "type_vocab_size", 2) >= 2
@@ -171,9 +172,6 @@ class MultiTaskModel(nn.Module):
 def build_model(cfg, encoder: nn.Module, hidden_size: int) -> MultiTaskModel:
     """The training model for ``cfg``: frozen encoder + adapters (lora), bare frozen encoder
     (heads) or trainable encoder (full), with one head per task."""
-    from .adapters import add_adapters
-    from .backbone import freeze
-    from .heads import make_head
 
     heads = {t: make_head(get_task(t), hidden_size, cfg.pair_encoding, cfg.head_dropout) for t in cfg.task_names}
     if cfg.mode == "full":

@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import uvicorn
+
+from ..inference.adapter_host import load_base
+from ..model.saved_sets import read_manifest
 from .app import ServeConfig, create_app
 
 logger = logging.getLogger(__name__)
@@ -21,11 +25,6 @@ def parse_set(item: str) -> tuple[str | None, Path]:
 def serve(sets: list[str], host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
           backbone: str | None = None, precision: str = "auto", device: str = "auto", int8: bool = False) -> None:
     """Load ``sets`` on one backbone and serve them until interrupted (SIGINT/SIGTERM)."""
-    import uvicorn
-
-    from ..inference.adapter_host import load_base
-    from ..model.saved_sets import read_manifest
-
     parsed = [parse_set(s) for s in sets]
     if backbone is None and parsed:
         backbone = read_manifest(parsed[0][1]).get("backbone_source")

@@ -35,9 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
 from ..data.loading import LoadedSplit
 from ..data.tasks import TaskSpec
+from ..errors import UserError
+from ..inference.adapter_host import load_base
+from ..inference.ensemble import combine, member_outputs
+from ..inference.output_cache import OutputCache
+from ..model.saved_sets import read_manifest
 
 __all__ = ["Teacher", "TeacherError", "teacher_members", "check_output_is_not_a_member", "load_teacher", "distillation_loss", "default_cache_dir"]
 
@@ -49,7 +53,6 @@ class TeacherError(UserError):
 @dataclass
 class Teacher:
     """Soft targets per task, row-aligned with the student's training split."""
-
     source: str
     targets: dict[str, torch.Tensor]  # (N, C) probabilities or (N,) scores
     members: dict[str, int]  # members with weight, per task (for the log)
@@ -144,11 +147,6 @@ def load_teacher(source: str | Path, raw_splits: dict[str, LoadedSplit], student
                  cache_dir: str | Path | None = None, top_members: int = 0, progress: bool = False,
                  log: Callable[[str], None] = logging.getLogger(__name__).info) -> Teacher:
     """The teacher's combined outputs on every row of ``raw_splits`` (the student's training rows, in order)."""
-    from ..inference.adapter_host import load_base
-    from ..inference.ensemble import combine, member_outputs
-    from ..inference.output_cache import OutputCache
-    from ..model.saved_sets import read_manifest
-
     weighted, how = teacher_members(source, top_members)
     if weighted is None:
         tasks = read_manifest(source).get("tasks") or []

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+
+from ..device import current, use_device
 
 
 @dataclass
@@ -73,7 +76,6 @@ class Dist:
         """True on every rank if ``flag`` is true on any (one tiny all-reduce; local when alone)."""
         if not self.enabled:
             return flag
-        from ..device import current
 
         t = torch.tensor([1.0 if flag else 0.0], device=current())  # NCCL reduces device tensors only
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -89,9 +91,6 @@ def setup() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    from accelerate import Accelerator
-
-    from ..device import use_device
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     use_device(accelerator.device)  # each rank its own GPU (NCCL), or the CPU (gloo)

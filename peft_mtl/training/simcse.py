@@ -10,8 +10,16 @@ with sim the cosine similarity and τ the temperature (0.05, as in seed 003).
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.loading import length_grouped_batches, pad_sequences
+from ..device import autocast
+from ..model.adapters import SHARED_ADAPTER, activate
 
 
 def simcse_loss(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -35,14 +43,6 @@ def run_simcse(model, cfg, train: dict, precision: str, pad_id: int, progress: b
     Uses at most ``cfg.simcse_max_sentences`` sentences (a seeded sample), its own AdamW,
     and leaves every adapter trainable again for the task optimiser built after it.
     """
-    import sys
-
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from ..model.adapters import SHARED_ADAPTER, activate
-    from ..data.loading import length_grouped_batches, pad_sequences
-    from ..device import autocast
 
     sentences = [sentence for split in train.values() for seg in split.segments for sentence in seg]
     rng = np.random.default_rng([cfg.seed, 0x51C])

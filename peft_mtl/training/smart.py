@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import device
+from ..model.kernels import paired_dropout
 from .config import SmartSettings
 
 
@@ -58,8 +60,6 @@ def output_divergence(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
 @contextmanager
 def replay_rng(state: torch.Tensor):
     """Run a block with the dropout generator set to ``state`` (same masks), then restore it."""
-    from .. import device
-
     saved = device.rng_state()
     device.set_rng_state(state)
     try:
@@ -153,7 +153,6 @@ def smart_random_paired(model: nn.Module, key: str, inputs: list[dict[str, torch
     the dropout masks of the first half reused for the second (kernels.paired_dropout),
     which keeps R_s = 0 when ε = 0. One bigger pass instead of two; same regulariser.
     """
-    from ..model.kernels import paired_dropout
 
     rows = inputs[0]["input_ids"].shape[0]
     hidden = model.embeddings.word_embeddings.embedding_dim

@@ -11,19 +11,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..model import lora_runtime
 from ..model.multitask import MultiTaskModel
-from ..model.saved_sets import AdapterError, check_adapter_files, check_backbone, load_head_weights, read_manifest
+from ..model.saved_sets import (
+    AdapterError,
+    check_adapter_files,
+    check_backbone,
+    load_head_weights,
+    read_manifest,
+)
 
 __all__ = ["load_initial_weights"]
 
 
 def load_initial_weights(model: MultiTaskModel, folder: str | Path, tasks: list[str], mode: str, identity) -> None:
     """Copy the adapters and heads of the set in ``folder`` into ``model`` (before training)."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     check_backbone(folder, manifest, identity)
