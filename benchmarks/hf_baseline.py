@@ -97,7 +97,7 @@ def main() -> None:
            "train_seconds": round(train_seconds, 1),
            "train_examples_per_second": round(len(train_ds) * args.epochs / train_seconds, 1),
            "eval_seconds": round(eval_seconds, 1), "trainable_parameters": trainable,
-           "total_parameters": total, "backbone": backbone_name, "device": device_name(), "torch_threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv)}
+           "total_parameters": total, "backbone": backbone_name, "device": device_name(targs.device), "torch_threads": torch.get_num_threads(), "command": "python " + " ".join(sys.argv)}
     print(json.dumps(out))
     if args.json:
         write_json_atomic(Path(args.json), out)

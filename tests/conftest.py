@@ -10,6 +10,9 @@ from pathlib import Path
 # test beside a training run) fighting over two cores makes every small op spin: one thread
 # each keeps the suite fast. Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The CPU suite stays on the CPU on a machine with a GPU: `--device auto` resolves to it
+# (peft_mtl.device.resolve_device). tests/test_cuda.py asks for "cuda" by name.
+os.environ.setdefault("PEFT_MTL_DEVICE", "cpu")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

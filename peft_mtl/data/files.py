@@ -63,6 +63,7 @@ class Example:
 @dataclass
 class LoadedSplit:
     """The usable rows of one task file plus what was skipped and why."""
+
     task: TaskSpec
     path: Path
     examples: list[Example]

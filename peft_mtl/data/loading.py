@@ -167,7 +167,10 @@ class BatchStream:
 
     def _make(self, k: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, self.task_index, k, 0xBA7])
-        return length_grouped_batches(self.split.lengths, self.batch_size * self.world, rng)
+        batches = length_grouped_batches(self.split.lengths, self.batch_size * self.world, rng)
+        # A global batch with fewer rows than ranks (a pass's last, on a small task) repeats
+        # rows, so no rank gets an empty shard: every rank takes part in every step.
+        return [np.resize(b, self.world) if len(b) < self.world else b for b in batches]
 
     def next(self) -> "Batch":
         if self.cursor >= len(self._batches):

@@ -48,11 +48,11 @@ from ..device import (
     autocast,
     configure_threads,
     cpu_supports_bf16,
-    current,
-    on_cuda,
+    enter,
+    gpu_supports_bf16,
+    grad_scaler,
     resolve_device,
     resolve_precision,
-    use_device,
 )
 from ..device import name as device_name
 from ..inference.adapter_host import load_base
@@ -84,13 +84,21 @@ def log(msg: str) -> None:
     logger.info(f"[{time.perf_counter() - _T0:6.0f} s] {msg}")
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work, so a timing covers it (a GPU runs asynchronously)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_time(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
+    _synchronize()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        _synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -128,16 +136,19 @@ def cpu_info() -> dict:
     return {"model": model, "flags": present, "native_bf16": native_bf16, "kind": f"{slug}-{isa}"}
 
 
-def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """GFLOP/s of the fastest of ``repeats`` n×n GEMMs: a peak is the best the CPU does, and on a
-    shared machine the median of a few GEMMs moved by ±30% between runs."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10,
+              where: torch.device = torch.device("cpu")) -> float:
+    """GFLOP/s of the fastest of ``repeats`` n×n GEMMs on ``where``: a peak is the best the device
+    does, and on a shared machine the median of a few GEMMs moved by ±30% between runs."""
+    a, b = torch.randn(n, n, dtype=dtype, device=where), torch.randn(n, n, dtype=dtype, device=where)
     for _ in range(2):
         a @ b
+    _synchronize()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         a @ b
+        _synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
 
@@ -153,19 +164,21 @@ def step_flops(step: Callable[[], None]) -> float:
 # ----------------------------------------------------------------------------- peft_mtl side
 
 
-def _our_training_step(cfg, splits, batch_size: int, steps: int, seed: int = 0):
+def _our_training_step(cfg, splits, batch_size: int, steps: int, where: torch.device, seed: int = 0):
     torch.manual_seed(seed)
     _, path = resolve_backbone(cfg.backbone)
-    encoder = load_encoder(path)
+    encoder = load_encoder(path, device=where)
     if cfg.backbone_dropout is not None:
         set_dropout(encoder, cfg.backbone_dropout)
 
-    model = build_model(cfg, encoder, encoder.config.hidden_size).to(current())
+    model = build_model(cfg, encoder, encoder.config.hidden_size).to(where)
     model.train()
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(optimizer, 10_000, 0.0)
-    objective = Objective(model, cfg, resolve_precision(cfg.precision))
-    training_step = TrainingStep(model, objective, optimizer, scheduler, cfg.max_grad_norm)
+    precision = resolve_precision(cfg.precision, where)
+    objective = Objective(model, cfg, precision)
+    training_step = TrainingStep(model, objective, optimizer, scheduler, cfg.max_grad_norm,
+                                 scaler=grad_scaler(precision, where))
     streams = {t: BatchStream(splits[t], batch_size, seed, i, 0) for i, t in enumerate(cfg.task_names)}
     # The same `steps` batches in every timed repeat and in the FLOP count: batches differ in
     # length, so FLOPs of one batch over the time of others would misstate the rate.
@@ -186,11 +199,11 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
     Long on purpose: the benchmark protocol read top to bottom (environment, peaks, training rows,
     inference rows), each step one call.
     """
-
     started = time.perf_counter()
     threads = configure_threads()
-    use_device(resolve_device("auto"))  # a GPU when there is one: both pipelines are timed on it
-    precision = resolve_precision("auto")
+    where = resolve_device("auto")  # a GPU when there is one: both pipelines are timed on it
+    enter(where)
+    precision = resolve_precision("auto", where)
     name, path = resolve_backbone(None)
     tokenizer = load_tokenizer(path)
     data_dir = default_data_dir()
@@ -202,15 +215,16 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
     batch = 32
 
     result: dict = {"machine": {"threads": threads, "precision": precision, "backbone": name,
-                                "torch": torch.__version__, "device": device_name(),
+                                "torch": torch.__version__, "device": device_name(where),
                                 "native_bf16": cpu_supports_bf16(), "cpu": cpu_info()},
                     "batch_size": batch, "quick": quick, "steps": steps, "repeats": repeats}
 
     log("bench: GEMM peaks")
     # Emulated bf16 (CPUs without AVX512-BF16/AMX) runs at well under 1 GFLOP/s: timing it costs
     # minutes and means nothing, so the bf16 peak is measured only where bf16 is native.
-    fp32_peak = gemm_peak(torch.float32)
-    bf16_peak = gemm_peak(torch.bfloat16) if cpu_supports_bf16() else None
+    fp32_peak = gemm_peak(torch.float32, where=where)
+    native_bf16 = gpu_supports_bf16(where) if where.type == "cuda" else cpu_supports_bf16()
+    bf16_peak = gemm_peak(torch.bfloat16, where=where) if native_bf16 else None
     used_peak = bf16_peak if precision == "bf16" and bf16_peak else fp32_peak
     result["gemm_gflops"] = {"fp32": round(fp32_peak, 1), "bf16": round(bf16_peak, 1) if bf16_peak else None,
                              "bf16_over_fp32": round(bf16_peak / fp32_peak, 2) if bf16_peak else None,
@@ -220,7 +234,7 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
     def train_rate(cfg, label: str) -> dict:
         log(f"bench: training {label}")
         gc.collect()
-        model, step = _our_training_step(cfg, {t: train_enc for t in cfg.task_names}, batch, steps)
+        model, step = _our_training_step(cfg, {t: train_enc for t in cfg.task_names}, batch, steps, where)
         seconds = median_time(lambda: [step() for _ in range(steps)], repeats, 1) / steps
         flops = step_flops(lambda: [step() for _ in range(steps)]) / steps
         del model
@@ -245,15 +259,15 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
 
     # -- plain Hugging Face pipeline -----------------------------------------------------
     log("bench: plain HF Trainer + PEFT pipeline")
-    result["plain_hf"] = _plain_hf(path, tokenizer, train_split, dev_split, steps, repeats)
+    result["plain_hf"] = _plain_hf(path, tokenizer, train_split, dev_split, steps, repeats, where)
 
     # -- inference ------------------------------------------------------------------------
     result["inference"], result["adapters"] = _inference(out_dir, name, path, train_enc, dev_enc, ensemble_members,
-                                                         repeats, quick)
+                                                         repeats, quick, where)
 
     # -- bert-base-sized random model --------------------------------------------------------
     if not quick:
-        result["bert_base_sized"] = _bert_base_sized(train_enc, repeats)
+        result["bert_base_sized"] = _bert_base_sized(train_enc, repeats, where)
 
     lora, plain = training["lora"], result["plain_hf"]
     result["ratios"] = {
@@ -274,12 +288,12 @@ def run(out_dir: Path, steps: int = 12, repeats: int = 5, ensemble_members: int 
     return result
 
 
-def _plain_hf(path: Path, tokenizer, train_split, dev_split, steps: int, repeats: int) -> dict:
+def _plain_hf(path: Path, tokenizer, train_split, dev_split, steps: int, repeats: int, where: torch.device) -> dict:
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=5)
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
-                                             target_modules=["query", "value"]))
+                                             target_modules=["query", "value"])).to(where)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     collator = DataCollatorWithPadding(tokenizer)
@@ -294,7 +308,7 @@ def _plain_hf(path: Path, tokenizer, train_split, dev_split, steps: int, repeats
             state["order"], state["pos"] = rng.permutation(len(features)), 0
         idx = state["order"][state["pos"]:state["pos"] + 32]
         state["pos"] += 32
-        return collator([features[i] for i in idx])
+        return {k: v.to(where) for k, v in collator([features[i] for i in idx]).items()}
 
     batches = [next_batch() for _ in range(steps)]  # the same batches in every repeat and in the FLOP count
     counter = {"i": 0}
@@ -316,7 +330,7 @@ def _plain_hf(path: Path, tokenizer, train_split, dev_split, steps: int, repeats
     def infer():
         with torch.no_grad():
             for i in range(0, len(dev_features), 8):  # the Trainer's default eval batch size
-                model(**collator(dev_features[i:i + 8]))
+                model(**{k: v.to(where) for k, v in collator(dev_features[i:i + 8]).items()})
 
     infer_seconds = median_time(infer, max(1, repeats // 2), 1)
     return {"train_examples_per_second": round(32 / seconds, 1), "seconds_per_step": round(seconds, 4),
@@ -326,11 +340,11 @@ def _plain_hf(path: Path, tokenizer, train_split, dev_split, steps: int, repeats
                         "random order, eval batch 8"}
 
 
-def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members: int, repeats: int, quick: bool):
+def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members: int, repeats: int, quick: bool,
+               where: torch.device):
     """Long on purpose: every inference measurement shares the loaded sets and timing set-up; split,
     each part would rebuild them.
     """
-
     log("bench: inference, swap, load, memory")
     tmp = Path(tempfile.mkdtemp(prefix="peft_mtl_bench_"))
     folders = []
@@ -350,7 +364,7 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
         del model
     gc.collect()
     rss_before_base = rss_mb()
-    base = load_base()
+    base = load_base(device=str(where))
     rss_base = rss_mb()
     load_times = []
     for m, folder in enumerate(folders):
@@ -388,12 +402,12 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
     # Merged adapter: the LoRA delta folded into the weights of a separate copy.
     merged_s = None
     if not quick:
-        merged = _merged_copy(path, folders[0])
+        merged = _merged_copy(path, folders[0]).to(where)
         merged_s = median_time(lambda: _run_plain(merged, dev_enc), repeats, 1)
     # --int8: the set as an int8 ONNX Runtime graph (built once, before timing), CPU only.
     int8_s = None
 
-    if not on_cuda():
+    if where.type == "cpu":
         try:
             import os
 
@@ -452,11 +466,10 @@ def _merged_copy(path: Path, folder: Path):
 
 
 def _run_plain(model, enc) -> None:
+    raw_outputs(model, enc, 128, resolve_precision("auto", model.device), False)
 
-    raw_outputs(model, enc, 128, resolve_precision("auto"), False)
 
-
-def _bert_base_sized(train_enc, repeats: int) -> dict:
+def _bert_base_sized(train_enc, repeats: int, where: torch.device) -> dict:
 
     log("bench: bert-base-sized random model")
     torch.manual_seed(0)
@@ -467,22 +480,22 @@ def _bert_base_sized(train_enc, repeats: int) -> dict:
         p.requires_grad_(False)
     cfg = TrainConfig(tasks=["sst"])
     peft_model = add_adapters(encoder, ["sst"], cfg.lora)
-    model = MultiTaskModel(peft_model, {"sst": make_head(get_task("sst"), 768)}, "mean", {"sst": ["sst"]})
-    precision = resolve_precision("auto")
+    model = MultiTaskModel(peft_model, {"sst": make_head(get_task("sst"), 768)}, "mean", {"sst": ["sst"]}).to(where)
+    precision = resolve_precision("auto", where)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = collate(train_enc, np.arange(32))
 
     def step():
         model.train()
-        with autocast(precision):
-            loss = torch.nn.functional.cross_entropy(model("sst", batch.inputs), batch.labels)
+        with autocast(precision, where):
+            loss = torch.nn.functional.cross_entropy(model("sst", batch.inputs), batch.labels.to(where))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
     def infer():
         model.eval()
-        with torch.inference_mode(), autocast(precision):
+        with torch.inference_mode(), autocast(precision, where):
             model("sst", batch.inputs)
 
     train_s = median_time(step, repeats, 1)

@@ -60,6 +60,7 @@ def summary_paths(spec: "SweepSpec", out: Path) -> tuple[Path, Path]:
 @dataclass
 class SweepSpec:
     """What to train: ``base`` flags shared by all, one flag list per recipe, the seeds."""
+
     recipes: dict[str, list[str]]
     base: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -443,7 +444,6 @@ def archive(spec: SweepSpec, out: Path, dest: Path) -> int:
     weights had (``bytes_on_disk``) — so a sweep can be listed in ``peft-mtl report`` from a
     repository that does not carry its weights.
     """
-
     copied = 0
     for job in plan(spec, out):
         if not job.done:

@@ -25,7 +25,7 @@ from peft import PeftModel
 
 from ..data.loading import EncodedSplit, encode_texts
 from ..data.tasks import TaskSpec, get_task
-from ..device import configure_threads, resolve_device, resolve_precision, use_device
+from ..device import configure_threads, enter, resolve_device, resolve_precision
 from ..errors import UserError
 from ..model import lora_runtime
 from ..model.adapters import load_adapter_into_existing_layers
@@ -56,6 +56,7 @@ SEP = "__"
 @dataclass
 class AdapterSet:
     """What is known about one loaded set."""
+
     name: str
     folder: Path
     manifest: dict
@@ -88,7 +89,7 @@ class AdapterHost:
         self.tokenizer = tokenizer
         self.identity = identity
         self.source = source
-        self.precision = resolve_precision(precision)
+        self.precision = resolve_precision(precision, encoder.device)
         freeze(encoder)
         self.model = MultiTaskModel(encoder, {}, "mean", routing={})
         self.model.eval()
@@ -176,7 +177,7 @@ class AdapterHost:
         return self._lora_layer_index
 
     def _load_full(self, folder: Path, name: str, manifest: dict, tasks: list[str]) -> AdapterSet:
-        encoder = load_encoder(folder / "encoder")
+        encoder = load_encoder(folder / "encoder", device=self.device)
         heads = {}
         for task in tasks:
             head = build_head(manifest["head_specs"][task], encoder.config.hidden_size)
@@ -235,6 +236,11 @@ class AdapterHost:
         return task if aset.model is not None else f"{aset.name}{SEP}{task}"
 
     # -- what per-row paths need (ensembles, the server, exports) ---------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone lives: every pass of every set runs there."""
+        return self.model.device
 
     @property
     def encoder(self):
@@ -318,7 +324,7 @@ class AdapterHost:
         ``engine``: None (int8 when the base was loaded with ``int8=True``, else PyTorch) or "pytorch".
         ``precision``: overrides the base's compute precision for this call (PyTorch engine only)."""
         aset = self.get(adapters)
-        precision = resolve_precision(precision) if precision else self.precision
+        precision = resolve_precision(precision, self.device) if precision else self.precision
         if self.int8 is not None and engine != "pytorch":
             self.head_key(aset.name, task)  # a clear error if the set has no such task
             return self.int8.outputs(self, aset.name, task, encoded, batch_size)
@@ -380,9 +386,10 @@ def load_base(backbone: str | None = None, precision: str = "auto", device: str 
         device = "cpu"
 
     configure_threads()
-    where = use_device(resolve_device(device))
+    where = resolve_device(device)
+    enter(where)
     name, path = resolve_backbone(backbone)
-    encoder = load_encoder(path)
+    encoder = load_encoder(path, device=where)
     identity = backbone_identity(name, encoder)
     return AdapterHost(encoder.to(where), load_tokenizer(path), identity, backbone, precision, int8)
 

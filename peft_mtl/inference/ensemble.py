@@ -95,7 +95,6 @@ def greedy_weights(task: TaskSpec, labels: np.ndarray, outputs: list[np.ndarray]
     improves the score or after ``max_rounds``. Returns how often each member was picked:
     its weight in :func:`combine` (0 = left out). Members may differ per task.
     """
-
     rows = np.arange(len(labels)) if rows is None else rows
     metric = METRICS[task.primary_metric].fn
     sliced = [o[rows] for o in outputs]
@@ -239,7 +238,7 @@ def _batched_outputs(base: AdapterHost, task: str, encoded: EncodedSplit, member
     # them (capped so that a pass never holds more than MAX_BATCHED_ROWS rows).
     member_batch = max(1, min(batch_size, MAX_BATCHED_ROWS // k))
     bar = tqdm(total=len(encoded), desc=f"ensemble {task}", disable=not progress, file=sys.stderr, leave=False)
-    with torch.inference_mode(), autocast(base.precision), stacked_lora(stacks):
+    with torch.inference_mode(), autocast(base.precision, base.device), stacked_lora(stacks):
         for batch in iterate_batches(encoded, member_batch, None, base.pad_id):
             n = len(batch)
             segments = [base.hidden_states({key: v.repeat(k, 1) for key, v in seg.items()}) for seg in batch.inputs]
@@ -267,7 +266,6 @@ def predict_mixed(base: AdapterHost, requests: list[tuple[str, object]], adapter
     ``requests`` is a list of (task, input). Single-sentence and cross-encoded pair
     requests share one padded batch; each row is routed to its task's adapter.
     """
-
     name = adapters or base.active
     aset = base.get(name)
     if aset.model is not None or aset.pair_encoding != "cross" or not aset.adapter_names:
@@ -282,7 +280,7 @@ def predict_mixed(base: AdapterHost, requests: list[tuple[str, object]], adapter
     base.route_rows(names)
     inputs = pad_sequences(rows, base.pad_id)
     results: list[dict | None] = [None] * len(requests)
-    with torch.inference_mode(), autocast(base.precision):
+    with torch.inference_mode(), autocast(base.precision, base.device):
         hidden, mask = base.hidden_states(inputs, adapter_names=names)
         for t in dict.fromkeys(tasks):
             idx = [i for i, task in enumerate(tasks) if task == t]
@@ -316,6 +314,7 @@ SELECTION_METHODS = {
 @dataclass
 class EnsembleSettings:
     """How ``peft-mtl ensemble`` combines and scores its members (flags of the same names)."""
+
     method: str = "mean"  # classification: mean | vote
     regression_method: str = "mean"  # mean | median
     weights: list[float] | None = None  # one per member folder, same for every task
@@ -340,7 +339,6 @@ def evaluate_ensemble(folders: list[Path], settings: EnsembleSettings, backbone:
 
     Long on purpose: the per-task loop keeps the members, encodings and cache it shares in one place.
     """
-
     if len(folders) < 2:
         raise UserError("an ensemble needs at least two adapter-set folders")
     if settings.weights is not None and settings.select != "all":

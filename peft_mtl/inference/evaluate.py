@@ -28,7 +28,7 @@ def raw_outputs(model, split: EncodedSplit, batch_size: int = 128, precision: st
     bar = tqdm(total=len(split), desc=f"eval {task}", unit="ex", disable=not progress, file=sys.stderr,
                leave=False, mininterval=1.0)
     try:
-        with autocast(precision):
+        with autocast(precision, model.device):
             for batch in iterate_batches(split, batch_size, None, pad_id):
                 chunks.append(model(task, batch.inputs).float().cpu().numpy())
                 order.append(batch.indices)

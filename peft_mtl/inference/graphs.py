@@ -15,6 +15,7 @@ and never load one, so the int8 runtime the host uses can build its graphs with 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ class ExportError(UserError):
 
 class TaskGraph(nn.Module):
     """Encoder (adapters merged) + pooling + head, as one module with tensor inputs only."""
+
     def __init__(self, encoder: nn.Module, head: nn.Module, pooling: str, kind: str, token_types: bool):
         super().__init__()
         self.encoder, self.head, self.pooling, self.kind, self.token_types = encoder, head, pooling, kind, token_types
@@ -58,10 +60,10 @@ class TaskGraph(nn.Module):
 
 
 def merged_encoder(base, set_name: str, task: str) -> nn.Module:
-    """A plain (peft-free) copy of the backbone with ``task``'s active LoRA deltas added to its weights."""
+    """A plain (peft-free) CPU copy of the backbone with ``task``'s active LoRA deltas added to its weights."""
     aset = base.get(set_name)
     if aset.model is not None:  # full fine-tuning: its own encoder already holds everything
-        return aset.model.encoder
+        return _on_cpu(aset.model.encoder)
     _, path = resolve_backbone(base.source)
     encoder = load_encoder(path, attn_implementation="eager")
     names = base.routing(set_name, task)
@@ -69,7 +71,7 @@ def merged_encoder(base, set_name: str, task: str) -> nn.Module:
         return encoder
 
     try:
-        deltas = lora_runtime.merged_deltas(base.encoder, names)
+        deltas = {n: d.cpu() for n, d in lora_runtime.merged_deltas(base.encoder, names).items()}
     except ValueError:
         raise ExportError(f"set {set_name!r} uses DoRA, which this exporter does not merge; "
                           f"export a plain LoRA set") from None
@@ -88,6 +90,12 @@ def _inputs(base, spec, max_length: int, pair_encoding: str, token_types: bool):
     return probes, enc, batch, names
 
 
+def _on_cpu(module: nn.Module) -> nn.Module:
+    """``module`` itself when it is on the CPU, else a CPU copy (the host's copy stays where it is)."""
+    first = next(module.parameters(), None)
+    return module if first is None or first.device.type == "cpu" else copy.deepcopy(module).cpu()
+
+
 def export_task(base, name: str, task: str, directory: Path, fmt: str = "onnx", int8: bool = False,
                 opset: int = 17) -> dict:
     """Write ``directory/task/model[.int8].{onnx|xml}`` for one task of a loaded set; returns its record entry.
@@ -101,7 +109,7 @@ def export_task(base, name: str, task: str, directory: Path, fmt: str = "onnx", 
                           f"cross-encoded ones are")
     spec = base.spec(task, name)
     owner = base.owner(name)
-    head = owner.heads[base.head_key(name, task)]
+    head = _on_cpu(owner.heads[base.head_key(name, task)])  # the graph is traced on the CPU
     pooling = base.pooling(name, task)
     token_types = owner.uses_token_types
     graph = TaskGraph(merged_encoder(base, name, task), head, pooling, spec.kind, token_types).eval()
@@ -149,6 +157,7 @@ def quantize_onnx(path: Path, out: Path) -> None:
     Only weight × activation products are quantized (attention's activation × activation
     products stay fp32), so the int8 error is the weights' and the per-batch activation scale's.
     """
+
     from onnxruntime.quantization import (  # deferred: onnxruntime is the optional export extra
         QuantType,
         quantize_dynamic,

@@ -53,6 +53,7 @@ def set_digest(folder: Path, backbone: str, task: str) -> str:
 
 class Int8Runtime:
     """int8 ONNX Runtime sessions for the (set, task) pairs of one :class:`~peft_mtl.inference.adapter_host.AdapterHost`."""
+
     def __init__(self, threads: int, max_sessions: int = 16, cache: Path | None = None):
         try:
             import onnxruntime  # noqa: F401

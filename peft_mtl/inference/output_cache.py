@@ -63,6 +63,7 @@ def inputs_fingerprint(encoded: EncodedSplit) -> str:
 
 class OutputCache:
     """Member outputs on encoded splits, stored as ``.npy`` files under ``root``."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
         self._folders: dict[Path, str] = {}

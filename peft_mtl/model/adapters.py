@@ -26,7 +26,6 @@ def add_adapters(encoder: nn.Module, names: list[str], settings: LoraSettings) -
 
     Every adapter starts trainable; the backbone's own weights stay frozen.
     """
-
     if not names:
         raise UserError("add_adapters needs at least one adapter name")
     targets = settings.target_modules(encoder)  # before wrapping: peft adds linear sub-layers
@@ -57,7 +56,6 @@ def load_adapter_into_existing_layers(peft_model: nn.Module, path, adapter_name:
     (another peft type, DoRA, rank/alpha patterns, new target modules, a peft version with
     another ``update_layer``) returns False so the caller uses ``load_adapter``.
     """
-
     path = Path(path)
     try:
         config = LoraConfig.from_pretrained(str(path))

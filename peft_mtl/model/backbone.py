@@ -19,8 +19,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from .. import device
-from ..device import quantized_compute_dtype
+from .. import device as devices
 from ..errors import UserError
 from . import lora_runtime
 from .kernels import register_attention, use_fast_dropout
@@ -102,18 +101,20 @@ def load_tokenizer(path: Path):
         raise BackboneError(f"{path}: cannot load a tokenizer ({type(err).__name__}: {err})") from None
 
 
-def load_encoder(path: Path, attn_implementation: str | None = None) -> nn.Module:
-    """The bare encoder (e.g. ``BertModel``) with weights in fp32, in eval mode.
+def load_encoder(path: Path, attn_implementation: str | None = None,
+                 device: torch.device = torch.device("cpu")) -> nn.Module:
+    """The bare encoder (e.g. ``BertModel``) with weights in fp32 on the CPU, in eval mode, ready for ``device``.
 
-    Attention defaults to eager-style matmul + softmax (kernels.attention_forward) because
-    on CPU, PyTorch's fused SDPA kernel (chosen when attention dropout is off) has a
-    backward pass several times slower at these sequence lengths (reports/speed.md); its
-    dropouts draw a quarter of the random numbers torch's do (kernels.fast_dropout).
+    For the CPU, attention defaults to eager-style matmul + softmax (kernels.attention_forward)
+    because PyTorch's fused SDPA kernel (chosen when attention dropout is off) has a backward
+    pass several times slower there at these sequence lengths (reports/speed.md), and its
+    dropouts draw a quarter of the random numbers torch's do (kernels.fast_dropout). For a
+    GPU, PyTorch's SDPA attention and dropout (device.py). The caller moves it to ``device``.
     """
 
     hf_logging.disable_progress_bar()
     # CPU: the registered eager attention with fast dropout; CUDA: PyTorch's SDPA (device.py).
-    requested = attn_implementation or device.attention_implementation() or register_attention()
+    requested = attn_implementation or devices.attention_implementation(device) or register_attention()
     try:
         model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
                                           attn_implementation=requested)
@@ -131,7 +132,7 @@ def load_encoder(path: Path, attn_implementation: str | None = None) -> nn.Modul
     if not hasattr(model, "embeddings"):
         raise BackboneError(f"{path}: {type(model).__name__} has no .embeddings module; "
                             f"peft_mtl supports BERT-family encoders only")
-    if device.cpu_kernels():
+    if devices.uses_cpu_kernels(device):
         use_fast_dropout(model)
     model.eval()
     return model
@@ -156,7 +157,7 @@ def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 1024) -> str
         sample = flat[::stride][:samples_per_tensor].float().to(torch.bfloat16).view(torch.int16)
         digest.update(clean.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(sample.numpy().tobytes())
+        digest.update(sample.cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -175,7 +176,8 @@ def backbone_identity(name: str, encoder: nn.Module) -> BackboneIdentity:
 QUANTIZATIONS = ("int8", "nf4")
 
 
-def load_quantized_encoder(path: Path, quantize: str, for_training: bool = True) -> nn.Module:
+def load_quantized_encoder(path: Path, quantize: str, for_training: bool = True,
+                           device: torch.device = torch.device("cpu")) -> nn.Module:
     """The encoder with its linear layers quantized by bitsandbytes (LoRA trains on top, QLoRA-style).
 
     On this CPU both settings train, but slowly: bitsandbytes' CPU kernels dequantize on
@@ -187,13 +189,13 @@ def load_quantized_encoder(path: Path, quantize: str, for_training: bool = True)
     a leaf Variable that requires grad is being used in an in-place operation". Training
     encoders therefore keep the unpacked layout throughout.
     """
+
     if quantize not in QUANTIZATIONS:
         raise BackboneError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
     try:
         import bitsandbytes  # noqa: F401
         from transformers import AutoModel, BitsAndBytesConfig
 
-        from .kernels import register_attention, use_fast_dropout
     except ImportError:
         raise BackboneError("--quantize needs bitsandbytes: pip install 'bitsandbytes>=0.45' "
                             "(its CPU backend is enough)") from None
@@ -201,11 +203,13 @@ def load_quantized_encoder(path: Path, quantize: str, for_training: bool = True)
         qconfig = BitsAndBytesConfig(load_in_8bit=True)
     else:
         qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                     bnb_4bit_compute_dtype=quantized_compute_dtype())
+                                     bnb_4bit_compute_dtype=devices.quantized_compute_dtype(device))
     try:
+        # bitsandbytes places the weights itself (device_map): attention and dropout follow that device.
         model = AutoModel.from_pretrained(str(path), local_files_only=True, quantization_config=qconfig,
-                                          device_map=str(__import__("peft_mtl.device", fromlist=["current"]).current()),
-                                          attn_implementation=register_attention())
+                                          device_map=str(device),
+                                          attn_implementation=devices.attention_implementation(device)
+                                          or register_attention())
     except Exception as err:
         raise BackboneError(f"{path}: bitsandbytes could not quantize this model to {quantize} on this machine "
                             f"({type(err).__name__}: {err}). Train without --quantize.") from None
@@ -213,7 +217,8 @@ def load_quantized_encoder(path: Path, quantize: str, for_training: bool = True)
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
-    use_fast_dropout(model)
+    if devices.uses_cpu_kernels(device):
+        use_fast_dropout(model)
     model.eval()
     return model
 

@@ -7,6 +7,8 @@ to 0..5 for regression, a classifier on ``[u, v, |u - v|]`` for classification.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,7 +59,9 @@ class TaskHead(nn.Module):
         self.linear = None if cosine else nn.Linear(in_features, outputs)
 
     def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
-        with torch.autocast("cpu", enabled=False):
+        # Pooling and heads stay fp32 under any autocast (fp16 logits could overflow), on any device.
+        kind = pooled[0].device.type
+        with torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext():
             return self._forward([p.float() for p in pooled])
 
     def _forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:

@@ -92,8 +92,14 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
 
 
 class FastDropout(nn.Dropout):
-    """Drop-in ``nn.Dropout`` that uses :func:`fast_dropout`."""
+    """Drop-in ``nn.Dropout`` that uses :func:`fast_dropout` on the CPU and PyTorch's dropout elsewhere.
+
+    The quarter-of-the-draws trick pays on a CPU; a GPU draws its masks on the device with
+    PyTorch's own kernel (and SMART's paired pass, which needs these masks, stays CPU-only)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return torch.nn.functional.dropout(x, self.p, self.training)
         return fast_dropout(x, self.p, self.training)
 
 

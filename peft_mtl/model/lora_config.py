@@ -80,7 +80,6 @@ class LoraSettings:
     Defaults were picked by measurement on SST with the default backbone
     (reports/defaults.md): adapters on every linear layer of each block, rank 16, alpha 32.
     """
-
     rank: int = option(16, help="LoRA rank r")
     alpha: float = option(32.0, help="LoRA alpha (scaling alpha/r)")
     # 0: measured on SST, LoRA dropout 0.05 scored no better (0.491 vs 0.499) and made steps

@@ -285,6 +285,7 @@ def merged_deltas(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]
 
 class _Route:
     """A way of running LoRA layers for the duration of a ``with`` block."""
+
     layers: frozenset[int] | None = None  # ids of the layers it covers (None: every layer)
 
     def covers(self, layer: nn.Module) -> bool:
@@ -441,7 +442,6 @@ class _LoraLinear(torch.autograd.Function):
     is accumulated into the base GEMM's output (``addmm_``) in both directions, the frozen
     weight gets no gradient, and nothing of width d_out or d_in is materialised twice.
     """
-
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor) -> torch.Tensor:
@@ -556,6 +556,7 @@ def _bf16_input(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class StackedLayer:
     """The stacked LoRA factors of one adapted linear layer."""
+
     A: torch.Tensor  # (k, d_in, R)
     B: torch.Tensor  # (k, R, d_out), LoRA scaling folded in
 
@@ -632,6 +633,7 @@ def stacked_lora(stacked: dict[nn.Module, StackedLayer | None]) -> Iterator[None
 @dataclass
 class RowGroup:
     """Rows ``start:end`` of a batch run with the LoRA factors of one adapter combination."""
+
     start: int
     end: int
     factors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor] | None]  # layer -> (A^T, B^T · s)

@@ -172,7 +172,6 @@ class MultiTaskModel(nn.Module):
 def build_model(cfg, encoder: nn.Module, hidden_size: int) -> MultiTaskModel:
     """The training model for ``cfg``: frozen encoder + adapters (lora), bare frozen encoder
     (heads) or trainable encoder (full), with one head per task."""
-
     heads = {t: make_head(get_task(t), hidden_size, cfg.pair_encoding, cfg.head_dropout) for t in cfg.task_names}
     if cfg.mode == "full":
         return MultiTaskModel(encoder, heads, cfg.pooling)

@@ -12,7 +12,6 @@ its turn gets a clean "unknown set" error.
 
 from __future__ import annotations
 
-import contextvars
 import queue
 import threading
 import time
@@ -24,7 +23,7 @@ import torch
 
 from ..data.loading import pad_sequences
 from ..inference.adapter_host import AdapterHost, format_predictions
-from ..device import autocast
+from ..device import autocast, enter
 from ..model.lora_runtime import RowGroup, grouped_lora
 
 
@@ -75,9 +74,7 @@ class Worker:
         self._groupable_cache: dict[str, bool] = {}
         self.sets_snapshot: dict[str, dict] = {}
         self._publish()
-        # The model thread works in a copy of this context: the device chosen at load follows it.
-        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
-                                       name="peft-mtl-model", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="peft-mtl-model", daemon=True)
         self.thread.start()
 
     # -- called from any thread ------------------------------------------------------
@@ -103,6 +100,7 @@ class Worker:
             return None
 
     def _run(self) -> None:
+        enter(self.base.device)  # CUDA's current device is per thread: cuda:1 must mean GPU 1 here too
         while not self._stop.is_set():
             first = self._next(None)
             if first is None:
@@ -225,7 +223,7 @@ class Worker:
                 rows.extend(job_rows)
             groups.append((name, task, members, RowGroup(start, len(rows), base.group_factors(name, task))))
         inputs = pad_sequences(rows, base.pad_id)
-        with autocast(base.precision), grouped_lora(base.encoder, [g for _, _, _, g in groups]):
+        with autocast(base.precision, base.device), grouped_lora(base.encoder, [g for _, _, _, g in groups]):
             hidden, mask = base.hidden_states(inputs)
         for name, task, members, group in groups:
             rows = slice(group.start, group.end)

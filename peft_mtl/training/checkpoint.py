@@ -75,7 +75,7 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor] 
 
 
 def save(out: Path, *, model, optimizer, scheduler, streams, objective, progress: Progress, cfg: TrainConfig,
-         random_states: list[dict], world: int) -> None:
+         random_states: list[dict], world: int, scaler=None) -> None:
     """Write the checkpoint (rank 0 only; ``random_states`` holds every rank's, in rank order)."""
     out.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out / CHECKPOINT_DIR, overwrite=True) as tmp:
@@ -90,7 +90,10 @@ def save(out: Path, *, model, optimizer, scheduler, streams, objective, progress
         rng_tensors = {f"rank{r}.{k}": v for r, s in enumerate(random_states) for k, v in s.items()
                        if isinstance(v, torch.Tensor)}
         save_tensors_atomic(rng_tensors, tmp / "random.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        # The fp16 gradient scaler's scale and growth tracker: a resumed run skips and grows as the
+        # uninterrupted one would.
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
         meta = asdict(progress)
         meta.pop("best_state")
         meta.pop("task_best_state")
@@ -140,10 +143,12 @@ def check_compatible(state: dict, cfg: TrainConfig, world: int, out: Path) -> No
 
 
 def restore(state: dict, *, model, optimizer, scheduler, streams, objective, surgery, progress: Progress,
-            rank: int) -> None:
+            rank: int, scaler=None) -> None:
     load_trainable_state(model, state["trainable"])
     optimizer.load_state_dict(state["optim"]["optimizer"])
     scheduler.load_state_dict(state["optim"]["scheduler"])
+    if scaler is not None and state["optim"].get("scaler"):
+        scaler.load_state_dict(state["optim"]["scaler"])
     meta = dict(state["meta"])
     for t, s in meta.pop("streams").items():
         streams[t].restore(s)
@@ -159,8 +164,8 @@ def restore(state: dict, *, model, optimizer, scheduler, streams, objective, sur
     tensors = state["random"]
     if f"rank{rank}.cpu" in tensors:
         torch.set_rng_state(tensors[f"rank{rank}.cpu"])
-    if random and random[rank].get("device") == str(device.current().type):  # another device: fresh streams
-        device.set_rng_state(tensors[f"rank{rank}.torch"])
+    if random and random[rank].get("device") == objective.device.type:  # another device: fresh streams
+        device.set_rng_state(tensors[f"rank{rank}.torch"], objective.device)
         objective.load_random_state(tensors[f"rank{rank}.smart"])
     if surgery is not None:
         surgery.load_random_state(random[rank]["pcgrad"])
@@ -168,8 +173,8 @@ def restore(state: dict, *, model, optimizer, scheduler, streams, objective, sur
 
 def random_state(objective, surgery) -> dict:
     """This process's random streams, as ``save`` stores them."""
-    state = {"torch": device.rng_state(), "cpu": torch.get_rng_state(), "smart": objective.random_state(),
-             "device": device.current().type}
+    state = {"torch": device.rng_state(objective.device), "cpu": torch.get_rng_state(),
+             "smart": objective.random_state(), "device": objective.device.type}
     if surgery is not None:
         state["pcgrad"] = surgery.random_state()
     return state

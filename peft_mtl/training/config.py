@@ -168,6 +168,10 @@ class TrainConfig:
     quantize: str | None = option(None, choices=("int8", "nf4"),
                                   help="quantize the frozen backbone with bitsandbytes (LoRA on top)")
     trace_dir: str | None = option(None, help="write rankN.jsonl: the tasks and data rows of every step")
+    # Off by default: deterministic kernels are slower on GPUs, and the CPU path is already
+    # bit-identical on resume (tests/test_resume.py). On CUDA it makes "resume = the same bits" hold.
+    deterministic: bool = option(False, help="deterministic algorithms only (torch.use_deterministic_algorithms, "
+                                             "cuBLAS workspace, SDPA math kernel): bit-identical reruns on a GPU")
 
     def validate(self) -> "TrainConfig":
         """Check every field and every combination; raise ConfigError naming the flags.

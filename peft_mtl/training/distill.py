@@ -53,6 +53,7 @@ class TeacherError(UserError):
 @dataclass
 class Teacher:
     """Soft targets per task, row-aligned with the student's training split."""
+
     source: str
     targets: dict[str, torch.Tensor]  # (N, C) probabilities or (N,) scores
     members: dict[str, int]  # members with weight, per task (for the log)

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from ..device import current, use_device
 
 
 @dataclass
@@ -29,6 +28,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     accelerator: object | None = None
+    device: torch.device = torch.device("cpu")  # this rank's (accelerate's choice when launched)
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +56,7 @@ class Dist:
         flat = torch.cat(parts)
         torch.distributed.all_reduce(flat)
         flat /= self.world
-        had_grad = flat[-len(params):]
+        had_grad = flat[-len(params):].tolist()  # one device-to-host copy, not one per parameter
         offset = 0
         for i, p in enumerate(params):
             n = p.numel()
@@ -77,7 +77,7 @@ class Dist:
         if not self.enabled:
             return flag
 
-        t = torch.tensor([1.0 if flag else 0.0], device=current())  # NCCL reduces device tensors only
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)  # NCCL reduces device tensors only
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item() > 0)
 
@@ -93,5 +93,6 @@ def setup() -> Dist:
         return Dist()
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    use_device(accelerator.device)  # each rank its own GPU (NCCL), or the CPU (gloo)
-    return Dist(rank=accelerator.process_index, world=accelerator.num_processes, accelerator=accelerator)
+    # Each rank its own GPU (NCCL), or the CPU (gloo); the run carries it from here.
+    return Dist(rank=accelerator.process_index, world=accelerator.num_processes, accelerator=accelerator,
+                device=accelerator.device)

@@ -13,6 +13,7 @@ them out of the all-reduce (processes drifted apart) while the clip norm counted
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -91,21 +92,19 @@ class TrainingStep:
         self.params = optimizer_parameters(self.optimizer)
         self.shared = self.model.shared_parameters() if self.surgery is not None else []
 
-    def gradients(self, batches: dict) -> float:
-        """Backward of every task's loss (PCGrad applied); returns the summed loss."""
+    def gradients(self, batches: dict) -> torch.Tensor:
+        """Backward of every task's loss (PCGrad applied); returns the tasks' losses, still on the device."""
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for task, batch in batches.items():
+        losses = []
+        for batch in batches.values():
             loss = self.objective(self.model, batch)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(task, loss.item())
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            total += loss.item()
+            losses.append(loss.detach().float())
             if self.surgery is not None:  # a uniform loss scale leaves PCGrad's projections unchanged
                 self.surgery.take(self.shared)
         if self.surgery is not None:
             self.surgery.apply(self.shared)
-        return total
+        return torch.stack(losses)
 
     def update(self) -> None:
         """All-reduce, clip, step (the gradients must be in place)."""
@@ -114,14 +113,25 @@ class TrainingStep:
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.max_grad_norm)
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
             self.scaler.update()
+            if self.scaler.get_scale() < scale:
+                return  # a skipped step: the schedule and Bregman's average wait for a real one
         else:
             self.optimizer.step()
         self.scheduler.step()
         self.objective.after_step()
 
     def __call__(self, batches: dict) -> float:
-        total = self.gradients(batches)
+        """One step; returns the summed loss. Reads the losses back once per step (not twice per
+        task): a non-finite one stops here, before the update touches any weight."""
+        values = self.gradients(batches).tolist()
+        for task, value in zip(batches, values):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(task, value)
         self.update()
+        total = 0.0
+        for value in values:
+            total += value
         return total

@@ -24,9 +24,10 @@ def pcgrad_combine(task_grads: list[torch.Tensor], rng: np.random.Generator) -> 
         rng.shuffle(others)
         for j in others:
             gj = task_grads[j]
-            dot = torch.dot(g, gj)
-            if dot < 0:
-                g -= dot / gj.dot(gj).clamp_min(1e-20) * gj
+            # Only a conflict (g · g_j < 0) is projected out; clamping instead of branching keeps
+            # the decision on the device (no host sync per pair) and leaves g unchanged otherwise.
+            dot = torch.dot(g, gj).clamp(max=0)
+            g -= dot / gj.dot(gj).clamp_min(1e-20) * gj
         projected.append(g)
     return torch.stack(projected).sum(0)
 

@@ -59,7 +59,8 @@ class Objective:
         self.cfg, self.smart, self.precision, self.teacher = cfg, cfg.smart, precision, teacher
         self.bregman = (BregmanProximal(model, cfg.smart.bregman_mu, cfg.smart.bregman_beta)
                         if cfg.smart.bregman_mu > 0 else None)
-        self.noise = device.generator(cfg.seed * 1_000_003 + 7919 * rank + 0x5A)
+        self.device = model.device  # the run's: the model was placed before its objective is built
+        self.noise = device.generator(cfg.seed * 1_000_003 + 7919 * rank + 0x5A, self.device)
         self._pairable: bool | None = None
         if precision == "bf16" and self.smart.precision == "train" and self.uses_smart \
                 and self.smart.epsilon < _BF16_VISIBLE_EPSILON:
@@ -72,8 +73,8 @@ class Objective:
         return any(self.smart.weight_for(t) > 0 for t in self.cfg.task_names)
 
     def _paired_pass_possible(self, model) -> bool:
-        if self._pairable is None:  # one walk over the modules per run
-            self._pairable = all_dropout_pairable(model)
+        if self._pairable is None:  # one walk over the modules per run; paired masks are the CPU kernels'
+            self._pairable = device.uses_cpu_kernels(self.device) and all_dropout_pairable(model)
         return self._pairable
 
     def precision_for(self, task: str) -> str:
@@ -91,9 +92,9 @@ class Objective:
         task = get_task(batch.task)
         loss_fn = get_loss(loss_name_for(self.cfg, task))
         weight = self.smart.weight_for(task.name)
-        masks = device.rng_state()  # the clean pass's dropout masks, replayed by every other pass
+        masks = device.rng_state(self.device)  # the clean pass's dropout masks, replayed by every other pass
         terms: dict[str, torch.Tensor] = {}
-        with autocast(self.precision_for(task.name)):
+        with autocast(self.precision_for(task.name), self.device):
             if weight > 0 and self.smart.steps == 0 and self._paired_pass_possible(model):
                 output, reg = smart_random_paired(model, task.name, batch.inputs, task.kind, self.smart, self.noise)
             else:
@@ -109,10 +110,10 @@ class Objective:
             if reg is not None:
                 terms["smart"] = weight * reg
             if self.bregman is not None:
-                after = device.rng_state()
-                device.set_rng_state(masks)
+                after = device.rng_state(self.device)
+                device.set_rng_state(masks, self.device)
                 reference = self.bregman.reference_output(model, task.name, batch.inputs)
-                device.set_rng_state(after)
+                device.set_rng_state(after, self.device)
                 terms["bregman"] = self.bregman.penalty(task.kind, output, reference)
         return terms
 

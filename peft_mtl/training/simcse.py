@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.loading import length_grouped_batches, pad_sequences
-from ..device import autocast
+from ..device import autocast, grad_scaler
 from ..model.adapters import SHARED_ADAPTER, activate
 
 
@@ -43,7 +43,6 @@ def run_simcse(model, cfg, train: dict, precision: str, pad_id: int, progress: b
     Uses at most ``cfg.simcse_max_sentences`` sentences (a seeded sample), its own AdamW,
     and leaves every adapter trainable again for the task optimiser built after it.
     """
-
     sentences = [sentence for split in train.values() for seg in split.segments for sentence in seg]
     rng = np.random.default_rng([cfg.seed, 0x51C])
     if len(sentences) > cfg.simcse_max_sentences:
@@ -53,6 +52,7 @@ def run_simcse(model, cfg, train: dict, precision: str, pad_id: int, progress: b
         model.reset_routing()
     params = [p for p in model.encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    scaler = grad_scaler(precision, model.device)  # fp16 gradients need scaling here as in task training
     lengths = np.array([len(s["input_ids"]) for s in sentences])
     losses: list[float] = []
     model.train()
@@ -62,10 +62,15 @@ def run_simcse(model, cfg, train: dict, precision: str, pad_id: int, progress: b
                         file=sys.stderr, mininterval=2.0):
             inputs = pad_sequences([sentences[i] for i in idx], pad_id)
             optimizer.zero_grad(set_to_none=True)
-            with autocast(precision):
+            with autocast(precision, model.device):
                 loss = simcse_step_loss(model, inputs, cfg.simcse_temperature)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             losses.append(loss.item())
         log(f"simcse epoch {epoch + 1}: mean loss {np.mean(losses[-len(batches):]):.4f}")
     if cfg.mode == "lora":

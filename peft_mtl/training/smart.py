@@ -58,14 +58,15 @@ def output_divergence(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
 
 
 @contextmanager
-def replay_rng(state: torch.Tensor):
-    """Run a block with the dropout generator set to ``state`` (same masks), then restore it."""
-    saved = device.rng_state()
-    device.set_rng_state(state)
+def replay_rng(state: torch.Tensor, where: torch.device):
+    """Run a block with ``where``'s dropout generator set to ``state`` (same masks), then restore it."""
+
+    saved = device.rng_state(where)
+    device.set_rng_state(state, where)
     try:
         yield
     finally:
-        device.set_rng_state(saved)
+        device.set_rng_state(saved, where)
 
 
 def _per_example_max(t: torch.Tensor) -> torch.Tensor:
@@ -125,7 +126,7 @@ def smart_regularizer(forward: Callable[[list[torch.Tensor]], torch.Tensor], cle
     for _ in range(settings.steps):
         for d in noise:
             d.requires_grad_(True)
-        with replay_rng(rng_state):
+        with replay_rng(rng_state, clean_output.device):
             adv = forward(noise)
         gap = output_divergence(kind, adv, target)
         # Only the perturbation's gradient is needed: no parameter gradients are built here.
@@ -138,7 +139,7 @@ def smart_regularizer(forward: Callable[[list[torch.Tensor]], torch.Tensor], cle
             scale = _per_example_max(g) if settings.norm == "inf" else _per_example_l2(g)
             stepped.append(constrain((d + settings.step_size * g / scale) * m, settings).detach())
         noise = stepped
-    with replay_rng(rng_state):
+    with replay_rng(rng_state, clean_output.device):
         adv = forward(noise)
     return output_divergence(kind, adv, clean_output)
 
@@ -153,7 +154,6 @@ def smart_random_paired(model: nn.Module, key: str, inputs: list[dict[str, torch
     the dropout masks of the first half reused for the second (kernels.paired_dropout),
     which keeps R_s = 0 when ε = 0. One bigger pass instead of two; same regulariser.
     """
-
     rows = inputs[0]["input_ids"].shape[0]
     hidden = model.embeddings.word_embeddings.embedding_dim
     noise = []
@@ -176,7 +176,6 @@ class BregmanProximal:
     Names are those of ``model.named_parameters()``; θ̃ starts equal to θ, so the penalty of
     the first step is exactly 0 (with the same dropout masks).
     """
-
     def __init__(self, model: nn.Module, mu: float, beta: float):
         self.mu, self.beta = mu, beta
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -69,6 +69,11 @@ log = logger.info  # progress lines; the CLI's handler keeps rank 0's only (peft
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train, evaluate on dev every epoch, save the best state to ``cfg.out``; return the summary."""
     cfg.validate()
+    with device.deterministic_algorithms(cfg.deterministic):
+        return _train(cfg, resume, progress)
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
     run = prepare(cfg, resume, progress)
     state = run.progress
     with stop_on_signals() as stop, open_trace(cfg, run.dist) as trace:
@@ -177,7 +182,7 @@ class Run:
         if self.dist.is_main:
             ckpt.save(self.out, model=self.model, optimizer=self.step.optimizer, scheduler=self.step.scheduler,
                       streams=self.streams, objective=self.step.objective, progress=self.progress, cfg=self.cfg,
-                      random_states=states, world=self.dist.world)
+                      random_states=states, world=self.dist.world, scaler=self.step.scaler)
         self.dist.barrier()
 
 
@@ -198,20 +203,21 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     started = time.time()
     configure_threads()
     seed_everything(cfg.seed)
-    where = device.current() if dist.enabled else device.use_device(device.resolve_device(cfg.device))
-    precision = resolve_precision(cfg.precision)
+    where = dist.device if dist.enabled else device.resolve_device(cfg.device)
+    device.enter(where)
+    precision = resolve_precision(cfg.precision, where)
     saved = ckpt.load(out) if resume else None
     if saved is not None:
         ckpt.check_compatible(saved, cfg, dist.world, out)
 
     backbone_name, backbone_path = resolve_backbone(cfg.backbone)
     tokenizer = load_tokenizer(backbone_path)
-    encoder = load_encoder(backbone_path)
+    encoder = load_encoder(backbone_path, device=where)
     # The identity is the full-precision backbone's, so adapters trained on a quantized copy
     # load into the ordinary backbone at inference.
     identity = backbone_identity(backbone_name, encoder)
     if cfg.quantize:
-        encoder = load_quantized_encoder(backbone_path, cfg.quantize)
+        encoder = load_quantized_encoder(backbone_path, cfg.quantize, device=where)
         precision = "fp32"  # bitsandbytes layers pick their own compute dtype; autocast would fight them
     if cfg.backbone_dropout is not None:
         set_dropout(encoder, cfg.backbone_dropout)
@@ -232,7 +238,7 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
         torch.manual_seed(cfg.seed + 7919 * dist.rank)
     trainable, total = count_parameters(model)
     log(f"backbone {backbone_name} ({identity.num_layers} layers, {identity.hidden_size} wide), mode {cfg.mode}, "
-        f"tasks {','.join(cfg.task_names)}, {device.name()}, precision {precision}; "
+        f"tasks {','.join(cfg.task_names)}, {device.name(where)}, precision {precision}; "
         f"trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.2f}%)")
     if saved is None and cfg.simcse_epochs:
@@ -251,7 +257,7 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     objective = Objective(model, cfg, precision, dist.rank, teacher)
     surgery = PCGrad(cfg.seed) if cfg.pcgrad else None
     step = TrainingStep(model, objective, optimizer, scheduler, cfg.max_grad_norm, surgery, dist,
-                        device.grad_scaler(precision))
+                        device.grad_scaler(precision, where))
     if surgery is not None and not step.shared:
         log("pcgrad: the tasks share no trainable parameters here (independent adapters or heads only); "
             "their gradients are used as they are")
@@ -260,7 +266,7 @@ def prepare(cfg: TrainConfig, resume: bool, progress: bool) -> Run:
     state = ckpt.Progress()
     if saved is not None:
         ckpt.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler, streams=streams,
-                     objective=objective, surgery=surgery, progress=state, rank=dist.rank)
+                     objective=objective, surgery=surgery, progress=state, rank=dist.rank, scaler=step.scaler)
         log(f"resumed from {out / ckpt.CHECKPOINT_DIR} at epoch {state.epoch}, step {state.step}")
     run = Run(cfg, out, dist, precision, tokenizer, identity, model, dev_splits, sizes, streams, steps_per_epoch,
               step, state, pad_id, trainable, total, started, progress and dist.is_main)
@@ -297,7 +303,7 @@ def finish(run: Run) -> dict:
         "precision": run.precision,
         "processes": dist.world,
         # Train times only compare on the same hardware: say which, and how many threads.
-        "device": device.name(),
+        "device": device.name(run.model.device),
         "threads": torch.get_num_threads(),
     }
     if dist.is_main:
