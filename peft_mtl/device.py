@@ -194,9 +194,12 @@ def set_rng_state(state: torch.Tensor, device: torch.device) -> None:
         torch.set_rng_state(state)
 
 
-def generator(seed: int, device: torch.device) -> torch.Generator:
-    """A seeded generator on ``device`` (SMART's noise); the CPU's for the meta stand-in."""
-    return torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+def generator(seed: int, device: torch.device) -> torch.Generator | None:
+    """A seeded generator on ``device`` (SMART's noise). The ``meta`` stand-in has no generators:
+    None there, and its draws come from the global stream."""
+    if device.type == "meta":
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def name(device: torch.device) -> str:

@@ -214,24 +214,31 @@ class Worker:
         return results
 
     def _pass(self, blocks: list, results: list[list[dict]]) -> None:
-        base = self.base
-        rows, groups, spans = [], [], {}
-        for name, task, members, encoded in blocks:
-            start = len(rows)
-            for i, job_rows in zip(members, encoded):
-                spans[i] = (len(rows), len(rows) + len(job_rows))
-                rows.extend(job_rows)
-            groups.append((name, task, members, RowGroup(start, len(rows), base.group_factors(name, task))))
-        inputs = pad_sequences(rows, base.pad_id)
-        with autocast(base.precision, base.device), grouped_lora(base.encoder, [g for _, _, _, g in groups]):
-            hidden, mask = base.hidden_states(inputs)
-        for name, task, members, group in groups:
-            rows = slice(group.start, group.end)
-            out = base.head_output(name, task, [(hidden[rows], mask[rows])])
-            predictions = format_predictions(base.spec(task, name), out.cpu().numpy())
+        groups, outputs = group_outputs(self.base, blocks)
+        for (name, task, members, group, spans), out in zip(groups, outputs):
+            predictions = format_predictions(self.base.spec(task, name), out.cpu().numpy())  # the one read-back
             for i in members:
                 s, e = spans[i]
                 results[i] = predictions[s - group.start:e - group.start]
+
+
+def group_outputs(base: AdapterHost, blocks: list) -> tuple[list, list[torch.Tensor]]:
+    """One encoder pass over every block's rows, each (set, task) group with its own LoRA deltas and
+    head; returns the groups ``(set, task, job indices, RowGroup, job row spans)`` and their outputs,
+    still on the model's device."""
+    rows, groups = [], []
+    for name, task, members, encoded in blocks:
+        start, spans = len(rows), {}
+        for i, job_rows in zip(members, encoded):
+            spans[i] = (len(rows), len(rows) + len(job_rows))
+            rows.extend(job_rows)
+        groups.append((name, task, members, RowGroup(start, len(rows), base.group_factors(name, task)), spans))
+    inputs = pad_sequences(rows, base.pad_id)
+    with autocast(base.precision, base.device), grouped_lora(base.encoder, [g[3] for g in groups]):
+        hidden, mask = base.hidden_states(inputs)
+    outputs = [base.head_output(name, task, [(hidden[g.start:g.end], mask[g.start:g.end])])
+               for name, task, _, g, _ in groups]
+    return groups, outputs
 
 
 def split_by_length(blocks: list) -> list[list]:

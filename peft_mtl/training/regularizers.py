@@ -139,7 +139,8 @@ class Objective:
             self.bregman.load_state_dict(state)
 
     def random_state(self) -> torch.Tensor:
-        return self.noise.get_state()
+        return self.noise.get_state() if self.noise is not None else torch.empty(0, dtype=torch.uint8, device="cpu")
 
     def load_random_state(self, state: torch.Tensor) -> None:
-        self.noise.set_state(state)
+        if self.noise is not None:
+            self.noise.set_state(state)
