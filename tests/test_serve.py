@@ -266,3 +266,86 @@ def test_a_batch_splits_into_two_passes_only_when_that_saves_padding():
     similar = [block("a", 10, 20), block("b", 10, 24)]
     assert len(split_by_length(similar)) == 1
     assert len(split_by_length([short])) == 1
+
+
+# -- reliability: one bad request never fails its neighbours ----------------------------------
+
+SURROGATE = '{"set": "multi", "task": "sst", "inputs": ["\\ud800 bad"]}'  # valid JSON, not valid text
+
+
+def test_a_bad_request_mixed_into_concurrent_good_ones_fails_alone(server, base):
+    """Regression: a lone surrogate broke tokenisation of the whole coalesced batch (111 of 361 good
+    requests failed with 500); now it gets 422 naming its input, and every good answer is exact."""
+    import asyncio
+
+    url, _ = server
+    good = [("multi", "sst", SENTENCES[:2]), ("single", "sst", SENTENCES[2:]), ("multi", "sts", PAIRS)] * 8
+
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            calls = [client.post("/v1/predict", json={"set": s, "task": t, "inputs": [list(x) if isinstance(x, tuple)
+                                                                                      else x for x in inputs]})
+                     for s, t, inputs in good]
+            bad = [client.post("/v1/predict", content=SURROGATE.encode(), headers={"content-type": "application/json"})
+                   for _ in range(8)]
+            return await asyncio.gather(*calls, *bad)
+
+    responses = asyncio.run(go())
+    for (s, t, inputs), r in zip(good, responses):
+        assert r.status_code == 200 and close(r.json()["predictions"], base.predict(t, inputs, s)), r.text
+    for r in responses[len(good):]:
+        assert r.status_code == 422 and "input 0" in r.text, r.text
+
+
+def test_the_worker_answers_each_request_alone_when_a_shared_pass_fails(base, monkeypatch):
+    """Text the tokenizer refuses fails its own job; a pass that fails for another reason is retried
+    job by job, so only the job that breaks it fails."""
+    from peft_mtl.serving.worker import InvalidInput
+
+    real = Worker._grouped_pass
+
+    def poisoned(self, jobs):
+        if any("poison" in str(j.inputs) for j in jobs):
+            raise RuntimeError("a pass that cannot run")
+        return real(self, jobs)
+
+    monkeypatch.setattr(Worker, "_grouped_pass", poisoned)
+    worker = Worker(base, max_batch=64, max_wait_ms=200)
+    try:
+        jobs = [PredictJob("multi", "sst", SENTENCES[:2]), PredictJob("multi", "sst", ["\ud800 bad"]),
+                PredictJob("single", "sst", ["poison"]), PredictJob("multi", "sts", PAIRS)]
+        futures = [worker.submit(j) for j in jobs]
+        assert close(futures[0].result(60), base.predict("sst", SENTENCES[:2], "multi"))
+        with pytest.raises(InvalidInput, match="cannot be tokenised"):
+            futures[1].result(60)
+        with pytest.raises(RuntimeError, match="cannot run"):
+            futures[2].result(60)
+        assert close(futures[3].result(60), base.predict("sts", PAIRS, "multi"))
+    finally:
+        worker.stop()
+
+
+def test_non_finite_numbers_in_a_request_are_refused(server):
+    """Regression: NaN ensemble weights answered 200 with null probabilities."""
+    url, _ = server
+    for weights in ("[NaN, 1]", "[Infinity, 1]", "[-1, 1]"):
+        body = f'{{"sets": ["multi", "single"], "task": "sst", "inputs": ["a fine film"], "weights": {weights}}}'
+        r = httpx.post(url + "/v1/ensemble", content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 422, (weights, r.text)
+    assert httpx.get(url + "/healthz").status_code == 200
+
+
+def test_a_set_with_a_link_out_of_the_sets_root_is_refused(server, sets_root, tmp_path):
+    """Regression: the folder was checked, the files in it were not."""
+    import shutil
+
+    url, token = server
+    outside = tmp_path / "secret.safetensors"
+    outside.write_bytes(b"not for you")
+    linked = sets_root / "linked"
+    shutil.copytree(sets_root / "single", linked, dirs_exist_ok=True)
+    (linked / "head.safetensors").unlink(missing_ok=True)
+    (linked / "head.safetensors").symlink_to(outside)
+    r = httpx.post(url + "/v1/sets", json={"name": "linked", "folder": "linked"},
+                   headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 403 and "outside the sets root" in r.json()["detail"], r.text

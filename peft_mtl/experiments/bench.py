@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import logging
 import re
 import resource
@@ -58,6 +59,7 @@ from ..device import name as device_name
 from ..inference.adapter_host import load_base
 from ..inference.ensemble import member_outputs
 from ..inference.evaluate import raw_outputs
+from ..inference.int8 import Int8Error
 from ..model import lora_runtime
 from ..model.adapters import add_adapters
 from ..model.backbone import (
@@ -409,14 +411,12 @@ def _inference(out_dir: Path, name: str, path: Path, train_enc, dev_enc, members
 
     if where.type == "cpu":
         try:
-            import os
-
             os.environ.setdefault("PEFT_MTL_CACHE", str(tmp / "cache"))
             int8_base = load_base(int8=True)
             int8_base.load(folders[0], name="s0")
             int8_s = median_time(lambda: int8_base.outputs("sst", dev_enc, "s0", batch_size=128), repeats, 1)
-        except ImportError:
-            log("bench: onnxruntime missing, no int8 row (pip install 'peft_mtl[export]')")
+        except (ImportError, Int8Error) as err:  # the export extra is optional: measure the rest, say what was skipped
+            log(f"bench: no int8 row ({err}); pip install 'peft_mtl[export]' to measure it")
 
     # A full fine-tuned model on disk: what swapping costs without adapters.
     full_dir = tmp / "full"

@@ -53,8 +53,8 @@ def combine(kind: str, member_outputs: list[np.ndarray], weights: list[float] | 
     """Ensemble outputs: probabilities (N, C) for classification, scores (N,) for regression."""
     k = len(member_outputs)
     w = np.asarray(weights if weights is not None else [1.0] * k, dtype=np.float64)
-    if len(w) != k or np.any(w < 0) or w.sum() <= 0:
-        raise UserError("ensemble weights must be one non-negative number per member, not all zero")
+    if len(w) != k or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise UserError("ensemble weights must be one finite, non-negative number per member, not all zero")
     w = w / w.sum()
     if kind == "classification":
         probs = np.stack([probabilities(o) for o in member_outputs])  # (k, N, C)

@@ -48,6 +48,11 @@ class ServerState:
                 raise HTTPException(422, f"input {i}: a pair is [first, second], got {len(item)} parts")
             if any(len(p) > self.config.max_chars for p in parts):
                 raise HTTPException(422, f"input {i}: over {self.config.max_chars} characters")
+            for p in parts:
+                try:
+                    p.encode("utf-8")
+                except UnicodeEncodeError:  # a lone UTF-16 surrogate (\ud800) is valid JSON but not text
+                    raise HTTPException(422, f"input {i}: not valid Unicode text (a lone surrogate?)") from None
 
     def known_set(self, name: str | None) -> str:
         """``name`` if it is loaded (default: the first loaded set), else 404 naming what is."""
@@ -169,6 +174,11 @@ def resolve_under_root(folder: str, root: Path | None) -> Path:
         raise HTTPException(403, f"{folder!r} is outside the sets root")
     if not target.is_dir():
         raise HTTPException(404, f"{folder!r}: no such folder under the sets root")
+    escaping = [str(p.relative_to(target)) for p in target.rglob("*")
+                if p.is_symlink() and p.resolve() != root and root not in p.resolve().parents]
+    if escaping:  # a link inside the folder must not reach outside the root either
+        raise HTTPException(403, f"{folder!r} holds links that point outside the sets root "
+                                 f"({', '.join(sorted(escaping)[:3])})")
     unsafe = [p.name for p in target.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")]
     if unsafe:
         raise HTTPException(422, f"{folder!r} holds pickled weights ({', '.join(sorted(unsafe)[:3])}); "

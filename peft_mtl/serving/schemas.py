@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, Field
+
+# Every number in a request is finite: NaN or infinite weights would give silently wrong answers.
+FiniteWeight = Annotated[float, Field(allow_inf_nan=False, ge=0)]
 
 
 class PredictRequest(BaseModel):
@@ -16,7 +21,8 @@ class EnsembleRequest(BaseModel):
     task: str
     inputs: list[str | list[str]]
     method: str = Field("mean", description="mean | vote (classification); mean | median (regression)")
-    weights: list[float] | None = Field(None, description="one weight per set (default: equal)")
+    weights: list[FiniteWeight] | None = Field(None, description="one finite, non-negative weight per set "
+                                                                  "(default: equal)")
 
 
 class LoadRequest(BaseModel):

@@ -31,6 +31,10 @@ class UnknownName(LookupError):
     """A set or task that is not loaded; the message names what is."""
 
 
+class InvalidInput(ValueError):
+    """A request's inputs cannot be answered (e.g. text the tokenizer refuses); only that request fails."""
+
+
 @dataclass(eq=False)
 class PredictJob:
     set: str
@@ -38,6 +42,7 @@ class PredictJob:
     inputs: list
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
+    encoded: list | None = None  # token ids per input, made alone before the job joins a batch
 
     @property
     def rows(self) -> int:
@@ -164,21 +169,34 @@ class Worker:
                 job.future.set_exception(error)
             else:
                 valid.append(job)
-        grouped = [j for j in valid if self._groupable(j.set)]
+        grouped = []
         for job in valid:
             if not self._groupable(job.set):  # full fine-tuned, bi-encoder or DoRA sets: their own pass
                 self._settle(job, lambda j=job: self.base.predict(j.task, j.inputs, j.set))
+            elif self._encode(job):
+                grouped.append(job)
         if grouped:
             try:
                 results = self._grouped_pass(grouped)
             except Exception as err:
-                for job in grouped:
-                    if not job.future.done():
-                        job.future.set_exception(err)
+                if len(grouped) == 1:
+                    grouped[0].future.set_exception(err)
+                else:  # isolate the request that broke the shared pass: each answered on its own
+                    for job in grouped:
+                        self._settle(job, lambda j=job: self._grouped_pass([j])[0])
             else:
                 for job, result in zip(grouped, results):
                     job.future.set_result(result)
         self.on_batch(BatchStats(sum(j.rows for j in batch), len(batch), [started - j.enqueued for j in batch]))
+
+    def _encode(self, job: PredictJob) -> bool:
+        """Tokenise one request on its own, so bad text fails that request alone (422), not its batch."""
+        try:
+            job.encoded = self.base.encode(job.task, job.inputs, job.set).segments[0]
+        except Exception as err:
+            job.future.set_exception(InvalidInput(f"the inputs cannot be tokenised ({type(err).__name__}: {err})"))
+            return False
+        return True
 
     def _settle(self, job: PredictJob, fn: Callable[[], Any]) -> None:
         try:
@@ -205,7 +223,8 @@ class Worker:
             order.setdefault((job.set, job.task), []).append(i)
         blocks = []  # (set, task, job indices, encoded rows per job)
         for (name, task), members in order.items():
-            encoded = [base.encode(task, jobs[i].inputs, name).segments[0] for i in members]
+            encoded = [jobs[i].encoded if jobs[i].encoded is not None else base.encode(task, jobs[i].inputs, name).segments[0]
+                       for i in members]
             blocks.append((name, task, members, encoded))
         blocks.sort(key=lambda b: max(len(r["input_ids"]) for rows in b[3] for r in rows))
         results: list[list[dict]] = [[] for _ in jobs]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -181,4 +182,10 @@ def random_state(objective, surgery) -> dict:
 
 
 def remove(out: Path) -> None:
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    """Delete the checkpoint once the set is saved: moved aside in one rename first, so a kill
+    midway leaves either the whole checkpoint or none (a dead writer's leftover is cleaned later)."""
+    folder = out / CHECKPOINT_DIR
+    if folder.is_dir():
+        aside = out / f".{CHECKPOINT_DIR}.{os.getpid()}.removed.partial"
+        os.replace(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)

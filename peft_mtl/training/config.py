@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shlex
 import typing
@@ -21,8 +22,8 @@ from ..errors import UserError
 from ..data.losses import LOSSES
 from ..data.tasks import TASKS, is_task_file, read_task_file, read_tasks
 from ..model.lora_config import LoraSettings
-from ..options import (PRECISIONS, add_config_arguments, apply_overrides, differences, flag_for, option,
-                       overrides_from_args)
+from ..options import (PRECISIONS, add_config_arguments, apply_overrides, config_fields, differences, flag_for,
+                       option, overrides_from_args)
 from .sampling import SAMPLERS
 
 MODES = ("lora", "heads", "full")
@@ -188,6 +189,11 @@ class TrainConfig:
         def fail(path: str, msg: str) -> None:
             raise ConfigError(f"{flag(path)}: {msg}")
 
+        for path, _, _ in config_fields(TrainConfig):
+            value = _value_at(self, path)
+            numbers = value.values() if isinstance(value, dict) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                fail(path, f"{value!r} is not a finite number")
         if not self.tasks:
             fail("tasks", "name at least one task")
         for t in self.tasks:
@@ -315,6 +321,14 @@ class TrainConfig:
     def changed_for_resume(self, saved: "TrainConfig") -> list[str]:
         """Flags whose values differ from an interrupted run's config (run-control fields aside)."""
         return [flag_for(TrainConfig, p) for p in differences(saved, self, RUN_CONTROL_FIELDS)]
+
+
+def _value_at(config, path: str):
+    """The value of a dotted field path (``smart.weight``) of a config."""
+    value = config
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def get_task_file_name(path: str) -> str:

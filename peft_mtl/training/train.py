@@ -27,12 +27,14 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .keep_best import apply_task_bests, record_task_bests
 from .. import device
+from ..artifacts import folder_lock, recover_interrupted_save
 from ..model.backbone import (backbone_identity, count_parameters, load_encoder, load_quantized_encoder, load_tokenizer,
                               resolve_backbone, set_dropout)
 from .config import TrainConfig
@@ -46,7 +48,7 @@ from ..model.multitask import MultiTaskModel, build_model
 from .optimization import NonFiniteLoss, TrainingStep, build_optimizer, build_scheduler
 from .pcgrad import PCGrad
 from .regularizers import Objective
-from ..model.saved_sets import save_run
+from ..model.saved_sets import MANIFEST, save_run
 from ..device import configure_threads, resolve_precision, seed_everything
 from .sampling import task_schedule
 from .simcse import run_simcse
@@ -69,8 +71,38 @@ log = logger.info  # progress lines; the CLI's handler keeps rank 0's only (peft
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train, evaluate on dev every epoch, save the best state to ``cfg.out``; return the summary."""
     cfg.validate()
-    with device.deterministic_algorithms(cfg.deterministic):
+    check_output_path(Path(cfg.out))
+    with device.deterministic_algorithms(cfg.deterministic), output_guard(Path(cfg.out)):
         return _train(cfg, resume, progress)
+
+
+@contextmanager
+def output_guard(out: Path) -> Iterator[None]:
+    """One writer per output folder (rank 0 of a run holds its lock), and a dead writer's
+    interrupted save put right first."""
+    if os.environ.get("RANK", "0") != "0":  # other ranks of a distributed run never write the folder
+        yield
+        return
+    with folder_lock(out):
+        for folder in (out, out / ckpt.CHECKPOINT_DIR):  # the set's save, and the checkpoint's inside it
+            restored = recover_interrupted_save(folder)
+            if restored:
+                log(restored)
+        for probe in out.glob(".write-test-*") if out.is_dir() else []:  # a dead run's write probe
+            probe.unlink(missing_ok=True)
+        yield
+
+
+@contextmanager
+def saving(out: Path, what: str, kept: str) -> Iterator[None]:
+    """A full disk or an I/O error while writing ``what``: one line saying what is kept (the
+    writes are atomic, so nothing half-written takes its place)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise TrainingError(f"{out}: could not write the {what} ({reason}); kept: {kept}. Free space or fix the "
+                            f"disk, then run the same command with --resume") from None
 
 
 def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
@@ -92,8 +124,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
                 try:
                     loss = run.step(batches)
                 except NonFiniteLoss as err:
-                    raise TrainingError(f"{err}; lower --lr, or check the data. The last good checkpoint is kept; "
-                                        f"continue from it with --resume.") from None
+                    has_checkpoint = (run.out / ckpt.CHECKPOINT_DIR / "progress.json").is_file()
+                    advice = ("the last good checkpoint is kept; continue from it with --resume"
+                              if has_checkpoint else "no checkpoint was written yet; start again")
+                    raise TrainingError(f"{err}; lower --lr, or check the data ({advice})") from None
                 state.step, state.global_step = state.step + 1, state.global_step + 1
                 state.loss_sum, state.loss_count = state.loss_sum + loss, state.loss_count + 1
                 bar.update(1)
@@ -180,9 +214,10 @@ class Run:
         self.progress.train_seconds = self.elapsed()
         states = self.dist.gather(ckpt.random_state(self.step.objective, self.step.surgery))
         if self.dist.is_main:
-            ckpt.save(self.out, model=self.model, optimizer=self.step.optimizer, scheduler=self.step.scheduler,
-                      streams=self.streams, objective=self.step.objective, progress=self.progress, cfg=self.cfg,
-                      random_states=states, world=self.dist.world, scaler=self.step.scaler)
+            with saving(self.out, "checkpoint", "the previous checkpoint, if there was one"):
+                ckpt.save(self.out, model=self.model, optimizer=self.step.optimizer, scheduler=self.step.scheduler,
+                          streams=self.streams, objective=self.step.objective, progress=self.progress, cfg=self.cfg,
+                          random_states=states, world=self.dist.world, scaler=self.step.scaler)
         self.dist.barrier()
 
 
@@ -307,7 +342,8 @@ def finish(run: Run) -> dict:
         "threads": torch.get_num_threads(),
     }
     if dist.is_main:
-        save_run(run.model, run.out, manifest, tokenizer=run.tokenizer, overwrite=True)
+        with saving(run.out, "adapter set", "the last checkpoint (epoch end) and whatever was in the folder before"):
+            save_run(run.model, run.out, manifest, tokenizer=run.tokenizer, overwrite=True)
         ckpt.remove(run.out)
     dist.barrier()
     if cfg.trace_dir:
@@ -329,10 +365,36 @@ def finish(run: Run) -> dict:
 # ----------------------------------------------------------------------------- set-up helpers
 
 
-def check_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
-    """Fail before any work if the output cannot be written or would clobber a finished run."""
+def is_replaceable(folder: Path) -> bool:
+    """What --overwrite may replace: an empty folder, or one a peft_mtl run wrote (a set's
+    manifest, or an interrupted run's checkpoint). Never a user's own folder."""
+    return (not any(folder.iterdir()) or (folder / MANIFEST).is_file()
+            or (folder / ckpt.CHECKPOINT_DIR / "progress.json").is_file())
+
+
+def check_output_path(out: Path) -> None:
+    """The shape of ``--out``, checked before anything is written (even a lock): a folder a save can
+    replace, not the current folder, a file, or a path under a file."""
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise TrainingError(f"--out {out}: is the current folder or one above it, which a run's save replaces; "
+                            f"choose a new folder, e.g. --out runs/NAME")
     if out.exists() and not out.is_dir():
         raise TrainingError(f"{out}: exists and is not a folder; choose another --out")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrainingError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+            break
+
+
+def check_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
+    """Fail before any work if the output cannot be written or would clobber a finished run
+    or anything that is not a peft_mtl run."""
+    check_output_path(out)
+    if overwrite and out.is_dir() and not is_replaceable(out):
+        raise TrainingError(f"{out}: --overwrite replaces only an earlier run's folder (or an empty one), and this "
+                            f"one holds other files; choose another --out")
     if out.is_dir() and any(p for p in out.iterdir() if p.name != ckpt.CHECKPOINT_DIR) and not (overwrite or resume):
         raise TrainingError(f"{out}: exists and is not empty; pass --overwrite to replace it, "
                             f"--resume to continue an interrupted run, or choose another --out")
