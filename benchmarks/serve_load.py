@@ -67,14 +67,15 @@ def rss_mb(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, sets: list[Path], root: Path, token_file: Path, max_batch: int, max_wait_ms: float):
+    def __init__(self, sets: list[Path], root: Path, token_file: Path, max_batch: int, max_wait_ms: float,
+                 extra: list[str] | None = None):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "peft_mtl", "serve", *[f"{p.name}={p}" for p in sets], "--port", str(self.port),
                "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--sets-root", str(root),
-               "--admin-token-file", str(token_file)]
+               "--admin-token-file", str(token_file), *(extra or [])]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 300
         while True:

@@ -114,6 +114,7 @@ def folder_lock(final: str | os.PathLike) -> Iterator[None]:
     final.parent.mkdir(parents=True, exist_ok=True)
     lock_path = final.parent / f".{final.name}.lock"
     owner = final.parent / f".{final.name}.lock.owner"
+    lock_path.touch()  # an unwritable place fails here, as an OSError, not as "someone holds the lock"
     lock = FileLock(str(lock_path), timeout=0)
     try:
         lock.acquire()

@@ -349,3 +349,21 @@ def test_a_set_with_a_link_out_of_the_sets_root_is_refused(server, sets_root, tm
     r = httpx.post(url + "/v1/sets", json={"name": "linked", "folder": "linked"},
                    headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 403 and "outside the sets root" in r.json()["detail"], r.text
+
+
+def test_schema_fuzzing_finds_no_server_error_and_a_schema_that_matches(server, tmp_path):
+    """schemathesis against the server's own OpenAPI schema: every endpoint, admin ones with and
+    without the token, valid and invalid requests → no 5xx, responses as documented, server healthy."""
+    pytest.importorskip("schemathesis")
+    import json
+
+    url, token = server
+    (tmp_path / "token").write_text(token)
+    out = tmp_path / "fuzz.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "server_fuzz.py"), "--url", url, "--token-file",
+                             str(tmp_path / "token"), "--examples", "40", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert report["cases"] >= 300, report["cases"]
+    assert report["server_errors"] == 0 and report["failures"] == {} and report["healthy_after"], report
+    assert result.returncode == 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from ..inference.adapter_host import AdapterHost
@@ -39,6 +40,7 @@ class ServeConfig:
     max_chars: int = 2_000  # characters per sentence
     admin_token: str | None = None  # None: admin endpoints off
     sets_root: Path | None = None  # folders loadable at run time must be under it
+    trim_every_s: float = 5.0  # return freed heap memory to the OS this often (0: never); see HeapTrim
 
 
 class _TooLarge(Exception):
@@ -92,7 +94,7 @@ def create_app(base: AdapterHost, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI application serving ``base``'s loaded sets (its worker thread starts now)."""
     config = config or ServeConfig()
     metrics = ServerMetrics()
-    worker = Worker(base, config.max_batch, config.max_wait_ms, metrics.on_batch)
+    worker = Worker(base, config.max_batch, config.max_wait_ms, metrics.on_batch, config.trim_every_s)
     metrics.loaded_sets.set_function(lambda: len(worker.sets_snapshot))
 
     @asynccontextmanager
@@ -110,7 +112,26 @@ def create_app(base: AdapterHost, config: ServeConfig | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected)
     for router in (routes.predictions, routes.admin, routes.operations):
         app.include_router(router)
+    app.openapi = lambda: _openapi_with_limits(app, config)
     return app
+
+
+def _openapi_with_limits(app: FastAPI, config: ServeConfig) -> dict:
+    """FastAPI's schema plus this server's limits (inputs per request, characters per sentence, pairs of
+    two), so what the schema allows is what the server answers. The handlers enforce them (413 / 422)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for model in ("PredictRequest", "EnsembleRequest"):
+            inputs = schema["components"]["schemas"][model]["properties"]["inputs"]
+            inputs.update(minItems=1, maxItems=config.max_inputs)
+            for item in inputs["items"]["anyOf"]:
+                if item.get("type") == "string":
+                    item.update(maxLength=config.max_chars)
+                else:  # a pair: two sentences
+                    item.update(minItems=2, maxItems=2)
+                    item["items"].update(maxLength=config.max_chars)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

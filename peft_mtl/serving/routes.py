@@ -20,7 +20,8 @@ from ..inference.adapter_host import AdapterHost
 from ..inference.ensemble import ensemble_predict
 from ..model.saved_sets import AdapterError
 from .metrics import ServerMetrics
-from .schemas import EnsembleRequest, EnsembleResponse, LoadRequest, PredictRequest, PredictResponse
+from .schemas import (ERROR_RESPONSES, EnsembleRequest, EnsembleResponse, LoadRequest, PredictRequest,
+                      PredictResponse)
 from .worker import CallJob, PredictJob, UnknownName, Worker
 
 if TYPE_CHECKING:
@@ -94,8 +95,9 @@ def _as_inputs(items: list) -> list:
     return [x if isinstance(x, str) else tuple(x) for x in items]
 
 
-predictions = APIRouter(prefix="/v1", tags=["predictions"])
-admin = APIRouter(prefix="/v1", tags=["admin"])
+# Every refusal a route can give is in the OpenAPI schema (clients, and schema fuzzers, rely on it).
+predictions = APIRouter(prefix="/v1", tags=["predictions"], responses=ERROR_RESPONSES)
+admin = APIRouter(prefix="/v1", tags=["admin"], responses=ERROR_RESPONSES)
 operations = APIRouter(tags=["operations"])
 
 
@@ -151,7 +153,8 @@ async def unload_set(name: str, authorization: str | None = Header(None), state:
     return {"unloaded": name}
 
 
-@operations.get("/healthz", summary="Liveness: the model thread is running")
+@operations.get("/healthz", summary="Liveness: the model thread is running",
+                responses={503: {"model": dict, "description": "the model thread stopped"}})
 async def healthz(state: ServerState = Depends(server)):
     alive = state.worker.thread.is_alive()
     return JSONResponse({"status": "ok" if alive else "model thread stopped", "sets": len(state.worker.sets_snapshot)},

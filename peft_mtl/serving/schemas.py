@@ -10,6 +10,19 @@ from pydantic import BaseModel, Field
 FiniteWeight = Annotated[float, Field(allow_inf_nan=False, ge=0)]
 
 
+class ErrorResponse(BaseModel):
+    """Every refusal: a sentence naming what to fix, or (a body of the wrong shape) where it is wrong."""
+
+    detail: str | list[dict] = Field(..., description="what is wrong, and where")
+
+
+# How each refusal is documented in the OpenAPI schema (the statuses the handlers return).
+ERRORS = {400: "malformed JSON", 401: "admin call without a token", 403: "wrong token, admin off, or outside the sets root",
+          404: "unknown set or task", 409: "a set of that name is loaded", 413: "body or inputs over the limits",
+          422: "a body of the wrong shape, or inputs that cannot be answered"}
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": why} for status, why in ERRORS.items()}
+
+
 class PredictRequest(BaseModel):
     set: str | None = Field(None, description="a loaded set (default: the first one loaded)")
     task: str = Field(..., description="a task of that set")

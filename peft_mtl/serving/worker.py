@@ -12,6 +12,8 @@ its turn gets a clean "unknown set" error.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import queue
 import threading
 import time
@@ -29,6 +31,28 @@ from ..model.lora_runtime import RowGroup, grouped_lora
 
 class UnknownName(LookupError):
     """A set or task that is not loaded; the message names what is."""
+
+
+class HeapTrim:
+    """Give freed heap memory back to the OS every ``interval`` seconds (glibc ``malloc_trim``).
+
+    Batches of every size and length allocate activations of every shape; glibc keeps the freed
+    blocks in its heap (its mmap threshold grows past the activation sizes), so a server's
+    resident memory crept up by ~2.5 MB/s under load though nothing leaked
+    (reports/reliability.md). Trimming between batches keeps it flat at a cost of well under a
+    millisecond per call; a fixed mmap threshold did the same but cost 40 % of the throughput."""
+
+    def __init__(self, interval: float):
+        self.interval, self.last = interval, time.monotonic()
+        try:
+            self._trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to trim
+            self._trim = None
+
+    def maybe(self) -> None:
+        if self._trim is not None and self.interval > 0 and time.monotonic() - self.last >= self.interval:
+            self._trim(0)
+            self.last = time.monotonic()
 
 
 class InvalidInput(ValueError):
@@ -70,8 +94,9 @@ class Worker:
     """Owns ``base``; ``submit`` is thread-safe; ``on_batch`` sees every coalesced batch."""
 
     def __init__(self, base: AdapterHost, max_batch: int = 32, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[BatchStats], None] | None = None):
+                 on_batch: Callable[[BatchStats], None] | None = None, trim_every_s: float = 5.0):
         self.base, self.max_batch, self.max_wait = base, max(1, max_batch), max(0.0, max_wait_ms) / 1000
+        self._heap = HeapTrim(trim_every_s)
         self.on_batch = on_batch or (lambda stats: None)
         self.queue: queue.Queue = queue.Queue()
         self._held: PredictJob | CallJob | None = None  # taken from the queue but not fitting the last batch
@@ -125,6 +150,7 @@ class Worker:
                 batch.append(job)
                 rows += job.rows
             self._predict(batch)
+            self._heap.maybe()
 
     def _call(self, job: CallJob) -> None:
         started = time.perf_counter()

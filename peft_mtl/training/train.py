@@ -11,6 +11,7 @@ checkpoints in ``checkpoint`` — and knows nothing of the others.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import zlib
 import json
@@ -83,7 +84,13 @@ def output_guard(out: Path) -> Iterator[None]:
     if os.environ.get("RANK", "0") != "0":  # other ranks of a distributed run never write the folder
         yield
         return
-    with folder_lock(out):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(out))
+        except FileExistsError:  # another run holds it: its own one-line message
+            raise
+        except OSError as err:  # not even a lock file can be written beside it
+            raise TrainingError(f"{out}: not writable ({err.strerror}); choose an --out you can write to") from None
         for folder in (out, out / ckpt.CHECKPOINT_DIR):  # the set's save, and the checkpoint's inside it
             restored = recover_interrupted_save(folder)
             if restored:
