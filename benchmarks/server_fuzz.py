@@ -56,7 +56,7 @@ def fuzz(url: str, token: str | None, examples: int) -> dict:
                     statuses[response.status_code] += 1
                     try:
                         case.validate_response(response, checks=CHECKS)
-                    except Exception as err:  # every failure is counted, none stops the run
+                    except (Exception, BaseExceptionGroup) as err:  # every failure is counted, none stops the run
                         failures[f"{operation.label} [{mode}, {'token' if auth else 'no token'}]: "
                                  f"{str(err).strip().splitlines()[0][:200]}"] += 1
 

@@ -367,3 +367,11 @@ def test_schema_fuzzing_finds_no_server_error_and_a_schema_that_matches(server, 
     assert report["cases"] >= 300, report["cases"]
     assert report["server_errors"] == 0 and report["failures"] == {} and report["healthy_after"], report
     assert result.returncode == 0
+
+
+def test_a_folder_name_with_a_nul_byte_is_refused_not_a_server_error(server):
+    """Regression (found by the long schema-fuzzing run): Path.resolve() raised on a NUL byte → 500."""
+    url, token = server
+    r = httpx.post(url + "/v1/sets", json={"name": "x", "folder": "a\u0000b"},
+                   headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 422 and "not a usable folder name" in r.json()["detail"], r.text

@@ -1,12 +1,9 @@
 """One task of a loaded set as a self-contained ONNX (or OpenVINO) graph: what ``export`` and ``--int8`` build.
 
-Each task becomes one graph ``(input_ids, attention_mask[, token_type_ids]) → logits`` (or
-scores): the set's LoRA deltas for that task (shared + task adapter) are merged into the
-frozen weights, and pooling and the task head are part of the graph, so the result runs on
-ONNX Runtime alone — no peft, no peft_mtl, no PyTorch. ``--int8`` adds a copy whose linear
-layers run int8 matrix products (ONNX Runtime dynamic quantization: int8 weights, activations
-quantized per batch). Every export is checked against the PyTorch outputs of the same set on
-probe sentences, and the differences are recorded in ``export.json``.
+A graph maps token ids to the task's logits or scores with the task's LoRA deltas merged into
+the frozen weights and pooling and head inside (:class:`TaskGraph`); :func:`export_task` checks
+it against the PyTorch outputs of the same set and records the differences; ``quantize_onnx``
+makes its int8 copy. The format is described in :mod:`peft_mtl.inference.export`.
 
 The functions here take a loaded host (:class:`~peft_mtl.inference.adapter_host.AdapterHost`)
 and never load one, so the int8 runtime the host uses can build its graphs with them;

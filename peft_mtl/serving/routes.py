@@ -172,7 +172,10 @@ def resolve_under_root(folder: str, root: Path | None) -> Path:
     if root is None:
         raise HTTPException(403, "loading sets at run time is off; start the server with --sets-root DIR")
     root = root.resolve()
-    target = (root / folder).resolve() if not Path(folder).is_absolute() else Path(folder).resolve()
+    try:
+        target = (root / folder).resolve() if not Path(folder).is_absolute() else Path(folder).resolve()
+    except (ValueError, OSError) as err:  # a NUL byte, an over-long name, a link loop
+        raise HTTPException(422, f"{folder!r} is not a usable folder name ({err})") from None
     if target != root and root not in target.parents:
         raise HTTPException(403, f"{folder!r} is outside the sets root")
     if not target.is_dir():
