@@ -40,7 +40,7 @@ class ServeConfig:
     max_chars: int = 2_000  # characters per sentence
     admin_token: str | None = None  # None: admin endpoints off
     sets_root: Path | None = None  # folders loadable at run time must be under it
-    trim_every_s: float = 5.0  # return freed heap memory to the OS this often (0: never); see HeapTrim
+    trim_every_s: float = 1.0  # return freed heap memory to the OS this often (0: never); see HeapTrim
 
 
 class _TooLarge(Exception):
