@@ -56,7 +56,9 @@ def fuzz(url: str, token: str | None, examples: int) -> dict:
                     statuses[response.status_code] += 1
                     try:
                         case.validate_response(response, checks=CHECKS)
-                    except (Exception, BaseExceptionGroup) as err:  # every failure is counted, none stops the run
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except BaseException as err:  # every failure (an exception group too) is counted, none stops the run
                         failures[f"{operation.label} [{mode}, {'token' if auth else 'no token'}]: "
                                  f"{str(err).strip().splitlines()[0][:200]}"] += 1
 
