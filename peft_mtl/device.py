@@ -61,7 +61,10 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
         if pinned and pinned != "auto":
             return resolve_device(pinned)
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"--device {spec}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {spec}: this machine has no CUDA GPU (torch {torch.__version__}, "

@@ -108,3 +108,31 @@ def test_every_config_field_is_a_train_flag_and_flags_override_a_config_file(tmp
     assert cfg.lora.use_rslora and cfg.lora.layers == [0, 1] and cfg.shared_adapter is False
     assert cfg.smart.task_weights == {"qqp": 1.5}, "a flag replaces the file's value"
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_quiet_and_verbose_set_how_much_the_command_says(tiny_backbone, small_data, tmp_path, capsys):
+    """-q keeps progress lines off stderr (results stay on stdout); without it they are there."""
+    argv = ["train", "--tasks", "sst", "--backbone", str(tiny_backbone), "--data-dir", str(small_data), "--epochs", "1",
+            "--batch-size", "8", "--precision", "fp32", "--no-progress"]
+    assert main(["-q", *argv, "--out", str(tmp_path / "quiet")]) == 0
+    quiet = capsys.readouterr()
+    assert "epoch 1/1" not in quiet.err and json.loads(quiet.out.strip().splitlines()[-1])["out"]
+    assert main([*argv, "--out", str(tmp_path / "loud"), "-v"]) == 0
+    assert "epoch 1/1" in capsys.readouterr().err
+
+
+def test_the_auto_device_can_be_pinned_by_environment(monkeypatch):
+    import torch
+
+    from peft_mtl.device import resolve_device
+    from peft_mtl.errors import UserError
+
+    monkeypatch.setenv("PEFT_MTL_DEVICE", "cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("PEFT_MTL_DEVICE", "cuda")
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            resolve_device("auto")
+    monkeypatch.setenv("PEFT_MTL_DEVICE", "tpu")
+    with pytest.raises(UserError, match="use auto, cpu, cuda"):
+        resolve_device("auto")

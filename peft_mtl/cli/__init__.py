@@ -29,11 +29,12 @@ COMMANDS = {
 }
 
 
-def _verbosity_flags() -> argparse.ArgumentParser:
+def _verbosity_flags(default=None) -> argparse.ArgumentParser:
+    """-q/-v, accepted before or after the command (after it, SUPPRESS keeps a flag given before)."""
     flags = argparse.ArgumentParser(add_help=False)
-    flags.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=None,
+    flags.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
                        help="warnings and errors only on stderr")
-    flags.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+    flags.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
                        help="debug messages on stderr")
     return flags
 
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"{__name__}.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", None),
-                           parents=[_verbosity_flags()])
+                           parents=[_verbosity_flags(argparse.SUPPRESS)])
         module.add_arguments(p)
         p.set_defaults(func=module.run)
     return parser
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "predict" or any(e.startswith("--") for e in extras):
             parser.error(f"unrecognized arguments: {' '.join(extras)}")
         args.inputs = list(args.inputs) + extras
-    configure_logging(args.verbosity or 0)
+    configure_logging(getattr(args, "verbosity", None) or 0)
     try:
         return args.func(args, argv)
     except (UserError, FileExistsError, FileNotFoundError) as err:
