@@ -77,42 +77,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         return _train(cfg, resume, progress)
 
 
-@contextmanager
-def output_guard(out: Path) -> Iterator[None]:
-    """One writer per output folder (rank 0 of a run holds its lock), and a dead writer's
-    interrupted save put right first."""
-    if os.environ.get("RANK", "0") != "0":  # other ranks of a distributed run never write the folder
-        yield
-        return
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(folder_lock(out))
-        except FileExistsError:  # another run holds it: its own one-line message
-            raise
-        except OSError as err:  # not even a lock file can be written beside it
-            raise TrainingError(f"{out}: not writable ({err.strerror}); choose an --out you can write to") from None
-        for folder in (out, out / ckpt.CHECKPOINT_DIR):  # the set's save, and the checkpoint's inside it
-            restored = recover_interrupted_save(folder)
-            if restored:
-                log(restored)
-        for probe in out.glob(".write-test-*") if out.is_dir() else []:  # a dead run's write probe
-            probe.unlink(missing_ok=True)
-        yield
-
-
-@contextmanager
-def saving(out: Path, what: str, kept: str) -> Iterator[None]:
-    """A full disk or an I/O error while writing ``what``: one line saying what is kept (the
-    writes are atomic, so nothing half-written takes its place)."""
-    try:
-        yield
-    except (OSError, SafetensorError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise TrainingError(f"{out}: could not write the {what} ({reason}); kept: {kept}. Free space or fix the "
-                            f"disk, then run the same command with --resume") from None
-
-
 def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
+    """The loop, under the run's output lock: epochs of steps, a dev evaluation and checkpoint each epoch."""
     run = prepare(cfg, resume, progress)
     state = run.progress
     with stop_on_signals() as stop, open_trace(cfg, run.dist) as trace:
@@ -377,6 +343,41 @@ def is_replaceable(folder: Path) -> bool:
     manifest, or an interrupted run's checkpoint). Never a user's own folder."""
     return (not any(folder.iterdir()) or (folder / MANIFEST).is_file()
             or (folder / ckpt.CHECKPOINT_DIR / "progress.json").is_file())
+
+
+@contextmanager
+def output_guard(out: Path) -> Iterator[None]:
+    """One writer per output folder (rank 0 of a run holds its lock), and a dead writer's
+    interrupted save put right first."""
+    if os.environ.get("RANK", "0") != "0":  # other ranks of a distributed run never write the folder
+        yield
+        return
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(out))
+        except FileExistsError:  # another run holds it: its own one-line message
+            raise
+        except OSError as err:  # not even a lock file can be written beside it
+            raise TrainingError(f"{out}: not writable ({err.strerror}); choose an --out you can write to") from None
+        for folder in (out, out / ckpt.CHECKPOINT_DIR):  # the set's save, and the checkpoint's inside it
+            restored = recover_interrupted_save(folder)
+            if restored:
+                log(restored)
+        for probe in out.glob(".write-test-*") if out.is_dir() else []:  # a dead run's write probe
+            probe.unlink(missing_ok=True)
+        yield
+
+
+@contextmanager
+def saving(out: Path, what: str, kept: str) -> Iterator[None]:
+    """A full disk or an I/O error while writing ``what``: one line saying what is kept (the
+    writes are atomic, so nothing half-written takes its place)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise TrainingError(f"{out}: could not write the {what} ({reason}); kept: {kept}. Free space or fix the "
+                            f"disk, then run the same command with --resume") from None
 
 
 def check_output_path(out: Path) -> None:
