@@ -146,11 +146,6 @@ def uses_unmerged_adapters(layer: nn.Module) -> bool:
     return not (layer.disable_adapters or layer.merged)
 
 
-def base_weight(layer: nn.Module) -> torch.Tensor:
-    """The frozen weight a LoRA layer wraps."""
-    return layer.base_layer.weight
-
-
 # -- adding and removing adapters ---------------------------------------------------------
 
 def add_lora_to_existing_layer(layer: nn.Module, adapter_name: str, a: torch.Tensor, b: torch.Tensor, config) -> None:
