@@ -13,6 +13,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The CPU suite stays on the CPU on a machine with a GPU: `--device auto` resolves to it
 # (peft_mtl.device.resolve_device). tests/test_cuda.py asks for "cuda" by name.
 os.environ.setdefault("PEFT_MTL_DEVICE", "cpu")
+# Graphs built by tests (--int8, the multi-adapter graph) go to a cache of this run, not ~/.cache.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("PEFT_MTL_CACHE", tempfile.mkdtemp(prefix="peft_mtl_test_cache_"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -88,3 +92,30 @@ def tiny_model_factory(tiny_backbone):
         return build_model(cfg, encoder, encoder.config.hidden_size)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sets_root(tiny_backbone, small_data, tmp_path_factory) -> Path:
+    """Four sets of different kinds: shared+task multi-task, single task, heads only, full fine-tune."""
+    from peft_mtl.training.config import TrainConfig
+    from peft_mtl.training.train import train
+
+    root = tmp_path_factory.mktemp("sets")
+    common = dict(backbone=str(tiny_backbone), data_dir=str(small_data), epochs=1, steps_per_epoch=3, batch_size=4,
+                  lr=5e-2, precision="fp32", checkpoint_every=0, max_eval_examples=8)
+    runs = {"multi": dict(tasks=["sst", "qqp", "sts"], seed=1), "single": dict(tasks=["sst"], seed=2),
+            "heads": dict(tasks=["sts", "sst"], mode="heads", seed=3), "full": dict(tasks=["sst"], mode="full", seed=4)}
+    for name, extra in runs.items():
+        train(TrainConfig(out=str(root / name), **common, **extra), progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def base(tiny_backbone, sets_root):
+    """The four sets of ``sets_root`` on one fp32 host, loaded under their folder names."""
+    from peft_mtl import load_base
+
+    b = load_base(str(tiny_backbone), precision="fp32")
+    for name in ("multi", "single", "heads", "full"):
+        b.load(sets_root / name, name=name)
+    return b

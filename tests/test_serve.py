@@ -17,35 +17,11 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from peft_mtl import load_base  # noqa: E402
-from peft_mtl.training.config import TrainConfig  # noqa: E402
 from peft_mtl.serving.worker import PredictJob, UnknownName, Worker  # noqa: E402
-from peft_mtl.training.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCES = ["a fine film", "dull and long", "ok", "a gorgeous, witty, seductive movie", "bad"]
 PAIRS = [("how do i learn python", "what is the best way to learn python"), ("a cat", "stock prices fell")]
-
-
-@pytest.fixture(scope="module")
-def sets_root(tiny_backbone, small_data, tmp_path_factory) -> Path:
-    """Four sets of different kinds: shared+task multi-task, single task, heads only, full fine-tune."""
-    root = tmp_path_factory.mktemp("sets")
-    common = dict(backbone=str(tiny_backbone), data_dir=str(small_data), epochs=1, steps_per_epoch=3, batch_size=4,
-                  lr=5e-2, precision="fp32", checkpoint_every=0, max_eval_examples=8)
-    runs = {"multi": dict(tasks=["sst", "qqp", "sts"], seed=1), "single": dict(tasks=["sst"], seed=2),
-            "heads": dict(tasks=["sts", "sst"], mode="heads", seed=3), "full": dict(tasks=["sst"], mode="full", seed=4)}
-    for name, extra in runs.items():
-        train(TrainConfig(out=str(root / name), **common, **extra), progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def base(tiny_backbone, sets_root):
-    b = load_base(str(tiny_backbone), precision="fp32")
-    for name in ("multi", "single", "heads", "full"):
-        b.load(sets_root / name, name=name)
-    return b
 
 
 def close(a: list[dict], b: list[dict]) -> bool:
@@ -101,16 +77,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(sets_root, tmp_path_factory):
-    token = secrets.token_urlsafe(24)
-    token_file = tmp_path_factory.mktemp("secret") / "token"
-    token_file.write_text(token)
+def start_server(sets_root: Path, token_file: Path, *extra: str):
+    """A real `peft-mtl serve` on a free loopback port; yields its URL; stopped by its own PID."""
     port = free_port()
     cmd = [sys.executable, "-m", "peft_mtl", "serve", f"multi={sets_root / 'multi'}", f"single={sets_root / 'single'}",
            "--port", str(port), "--max-batch", "16", "--max-wait-ms", "20", "--admin-token-file", str(token_file),
            "--sets-root", str(sets_root), "--max-inputs", "8", "--max-chars", "200", "--max-body-bytes", "20000",
-           "--precision", "fp32"]
+           "--precision", "fp32", *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     url = f"http://127.0.0.1:{port}"
@@ -124,9 +97,30 @@ def server(sets_root, tmp_path_factory):
             pass
         assert time.time() < deadline, "the server did not come up"
         time.sleep(0.2)
-    yield url, token
-    proc.terminate()  # stopped by its own PID
+    yield url
+    proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> tuple[Path, str]:
+    token = secrets.token_urlsafe(24)
+    path = tmp_path_factory.mktemp("secret") / "token"
+    path.write_text(token)
+    return path, token
+
+
+@pytest.fixture(scope="module")
+def server(sets_root, token_file):
+    """The server on its default engine on a CPU: the multi-adapter ONNX graph."""
+    for url in start_server(sets_root, token_file[0]):
+        yield url, token_file[1]
+
+
+@pytest.fixture(scope="module")
+def torch_server(sets_root, token_file):
+    for url in start_server(sets_root, token_file[0], "--engine", "torch"):
+        yield url, token_file[1]
 
 
 def test_predict_matches_base_predict_and_lists_sets(server, base):
@@ -138,8 +132,13 @@ def test_predict_matches_base_predict_and_lists_sets(server, base):
     assert r.status_code == 200 and r.json()["set"] == "multi"
     sets = httpx.get(url + "/v1/sets").json()
     assert set(sets["sets"]) == {"multi", "single"} and sets["sets"]["multi"]["tasks"] == ["sst", "qqp", "sts"]
+    assert sets["sets"]["multi"]["engine"] == "onnx fp32", "the default engine on a CPU is the multi-adapter graph"
     r = httpx.post(url + "/v1/ensemble", json={"sets": ["multi", "single"], "task": "sst", "inputs": SENTENCES[:2]})
     assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+    from peft_mtl.inference.ensemble import ensemble_predict
+
+    assert close(r.json()["predictions"], ensemble_predict(base, "sst", SENTENCES[:2], ["multi", "single"])), \
+        "an ensemble on the graph (members as rows) answers like the PyTorch ensemble"
     assert httpx.get(url + "/healthz").json()["status"] == "ok"
     assert "/v1/predict" in httpx.get(url + "/openapi.json").json()["paths"]
 
@@ -236,6 +235,45 @@ def test_load_and_unload_while_serving_never_breaks_an_in_flight_request(server,
             assert httpx.delete(url + "/v1/sets/extra", headers=auth, timeout=60).status_code == 200
             assert httpx.post(url + "/v1/predict", json={"set": "extra", "task": "sst",
                                                          "inputs": ["x"]}).status_code == 404
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert answered and not failures, failures[:2]
+
+
+@pytest.mark.parametrize("engine", ["server", "torch_server"])
+def test_a_set_hot_loaded_answers_with_its_own_adapters_and_unloads_to_404(engine, request, base, sets_root):
+    """On either engine: load → use → unload → 404 for LoRA sets (the graph takes their factors as
+    inputs: no rebuild), the name reused by a different set answers as that set, and clients of the
+    other sets keep getting exact answers throughout."""
+    url, token = request.getfixturevalue(engine)
+    auth = {"Authorization": f"Bearer {token}"}
+    failures, answered = [], []
+    stop = threading.Event()
+    expected = {("multi", "qqp"): base.predict("qqp", PAIRS, "multi"), ("single", "sst"): base.predict("sst", SENTENCES, "single")}
+
+    def client(name: str, task: str):
+        inputs = [list(p) for p in PAIRS] if task == "qqp" else SENTENCES
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/v1/predict", json={"set": name, "task": task, "inputs": inputs})
+                if r.status_code != 200 or not close(r.json()["predictions"], expected[(name, task)]):
+                    failures.append(r.text)
+                answered.append(1)
+
+    threads = [threading.Thread(target=client, args=key) for key in expected]
+    for t in threads:
+        t.start()
+    try:
+        for folder in ("single", "multi", "heads"):  # the same name for three different sets in turn
+            r = httpx.post(url + "/v1/sets", json={"name": "hot", "folder": folder}, headers=auth, timeout=60)
+            assert r.status_code == 201, r.text
+            p = httpx.post(url + "/v1/predict", json={"set": "hot", "task": "sst", "inputs": SENTENCES}, timeout=60)
+            assert p.status_code == 200 and close(p.json()["predictions"], base.predict("sst", SENTENCES, folder)), folder
+            assert httpx.delete(url + "/v1/sets/hot", headers=auth, timeout=60).status_code == 200
+            gone = httpx.post(url + "/v1/predict", json={"set": "hot", "task": "sst", "inputs": ["x"]})
+            assert gone.status_code == 404 and "no set named 'hot'" in gone.text
     finally:
         stop.set()
         for t in threads:

@@ -23,7 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inputs", type=int, default=64, help="inputs per request")
     p.add_argument("--max-chars", type=int, default=2000, help="characters per sentence")
     p.add_argument("--backbone", default=None, help="default: the first set's backbone")
-    add_engine_options(p)
+    p.add_argument("--engine", default="auto", choices=["auto", "onnx", "torch"],
+                   help="what runs the batched pass: onnx (one multi-adapter ONNX Runtime graph, LoRA factors as "
+                        "inputs; with --int8 its int8 copy), torch, or auto (onnx on a CPU, torch on a GPU)")
+    add_engine_options(p, int8_help="int8 base weights: the int8 multi-adapter graph (LoRA products stay fp32); "
+                                     "with --engine torch, one merged int8 graph per (set, task) instead")
 
 
 def _admin_token(path_text: str | None) -> str | None:
@@ -50,6 +54,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UserError(f"{root}: --sets-root is not a folder")
     config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
                          max_inputs=args.max_inputs, max_chars=args.max_chars, admin_token=_admin_token(args.admin_token_file),
-                         sets_root=root)
+                         sets_root=root, engine=args.engine, int8=args.int8)
     serve(args.sets, args.host, args.port, config, args.backbone, args.precision, args.device, args.int8)
     return 0

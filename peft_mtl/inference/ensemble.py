@@ -36,6 +36,7 @@ from ..device import autocast
 from ..errors import UserError
 from ..model.lora_runtime import stacked_lora
 from ..model.saved_sets import read_manifest
+from .adapter_graph import GraphEngine
 from .adapter_host import AdapterHost, format_predictions, load_base
 from .evaluate import predictions_from_outputs, probabilities, score
 from .output_cache import OutputCache
@@ -291,11 +292,17 @@ def predict_mixed(base: AdapterHost, requests: list[tuple[str, object]], adapter
 
 
 def ensemble_predict(base: AdapterHost, task: str, inputs, members: list[str], weights: list[float] | None = None,
-                     method: str = "mean", batched: bool | None = None) -> list[dict]:
-    """Ensemble prediction for raw inputs: ``{"label", "probabilities"}`` or ``{"score"}`` per input."""
+                     method: str = "mean", batched: bool | None = None, engine: GraphEngine | None = None) -> list[dict]:
+    """Ensemble prediction for raw inputs: ``{"label", "probabilities"}`` or ``{"score"}`` per input.
+
+    With a multi-adapter graph ``engine`` that runs every member, the members are rows of one pass."""
     spec = base.spec(task, members[0])
     encoded = base.encode(task, inputs, members[0])
-    combined = combine(spec.kind, member_outputs(base, task, encoded, members, batched), weights, method)
+    if engine is not None and all(engine.unsupported(m) is None for m in members):
+        outputs = engine.outputs([(m, task, encoded.segments[0]) for m in members])
+    else:
+        outputs = member_outputs(base, task, encoded, members, batched)
+    combined = combine(spec.kind, outputs, weights, method)
     if spec.kind == "classification":
         return [{"label": spec.label_of(int(p.argmax())), "probabilities": [round(float(x), 6) for x in p]}
                 for p in combined]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..artifacts import atomic_folder, write_json_atomic
 from ..model.saved_sets import read_manifest
+from .adapter_graph import write_multi
 from .adapter_host import load_base
 from .graphs import (ExportError, TaskGraph, export_task, merged_encoder, quantize_onnx, run_graph,  # noqa: F401
                      run_onnx, to_openvino)
@@ -54,6 +55,36 @@ def export_set(folder: str | Path, out: str | Path, fmt: str = "onnx", int8: boo
         write_json_atomic(tmp / "export.json", record)
     logger.info(f"exported {len(record['tasks'])} task(s) of {folder} to {out} ({fmt}{', int8' if int8 else ''})")
     return record
+
+
+def export_multi(folders: list[str | Path], out: str | Path, int8: bool = False, backbone: str | None = None,
+                 overwrite: bool = False) -> dict:
+    """One multi-adapter ONNX graph for every (set, task) of ``folders`` (``peft-mtl export --multi``).
+
+    ``OUT/model.onnx`` (+ ``model.int8.onnx``), ``OUT/table.npz`` (each (set, task) as an entry of
+    the graph's factor and head inputs), ``OUT/graph.json`` and the tokenizer; see
+    :mod:`peft_mtl.inference.adapter_graph`. Folders are named after themselves (``NAME=DIR`` to rename)."""
+    _require_engines("onnx")
+    parsed = [_named(f) for f in folders]
+    first = read_manifest(parsed[0][1])
+    base = load_base(backbone or first.get("backbone_source"), precision="fp32", device="cpu")
+    for name, folder in parsed:
+        base.load(folder, name=name)
+    out = Path(out)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        base.tokenizer.save_pretrained(str(tmp))
+        record = write_multi(base, tmp, int8=int8)
+    logger.info(f"exported {len(record['entries'])} (set, task) entries of {len(parsed)} set(s) as one "
+                f"multi-adapter graph to {out}{' (fp32 + int8)' if int8 else ''}")
+    return record
+
+
+def _named(item: str | Path) -> tuple[str | None, Path]:
+    text = str(item)
+    if "=" in text and not Path(text).exists():
+        name, folder = text.split("=", 1)
+        return name, Path(folder)
+    return None, Path(text)
 
 
 def _require_engines(fmt: str) -> None:

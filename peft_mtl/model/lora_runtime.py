@@ -276,6 +276,23 @@ def merged_deltas(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]
     return deltas
 
 
+def adapter_factors(model: nn.Module, names: list[str]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+    """Unwrapped module name → ``[(A (r, d_in), B (d_out, r), scaling)]`` of the adapters ``names`` on each
+    layer they adapt: the live weights, detached, not copied (a multi-adapter graph feeds them as inputs).
+
+    A DoRA adapter is no low-rank sum: UserError."""
+    out: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for name, layer in lora_layers(model).items():
+        present = adapters_of(layer, names)
+        if not present:
+            continue
+        if any(is_variant(layer, n) for n in present):
+            raise UserError("DoRA adapters are not a low-rank sum")
+        out[name.replace("base_model.model.", "", 1)] = [
+            (a.detach(), b.detach(), float(s)) for a, b, s in (lora_factors(layer, n) for n in present)]
+    return out
+
+
 # -- routes: how LoRA layers run inside a `with` block -------------------------------------
 
 class _Route:

@@ -123,7 +123,7 @@ async def ensemble(req: EnsembleRequest, state: ServerState = Depends(server)):
         for n in names:
             if req.task not in host.sets[n].tasks:
                 raise UnknownName(f"set {n!r} has no task {req.task!r}; it has {', '.join(host.sets[n].tasks)}")
-        return ensemble_predict(host, req.task, inputs, names, req.weights, req.method)
+        return ensemble_predict(host, req.task, inputs, names, req.weights, req.method, engine=state.worker.engine)
 
     answers = await state.run(CallJob(call, rows=len(inputs) * len(names)))
     state.metrics.rows.labels("/v1/ensemble").inc(len(inputs))

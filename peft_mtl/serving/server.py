@@ -28,10 +28,14 @@ def serve(sets: list[str], host: str = "127.0.0.1", port: int = 8000, config: Se
     parsed = [parse_set(s) for s in sets]
     if backbone is None and parsed:
         backbone = read_manifest(parsed[0][1]).get("backbone_source")
-    base = load_base(backbone, precision=precision, device=device, int8=int8)
+    config = config or ServeConfig()
+    # --int8 means the int8 multi-adapter graph, except on --engine torch: one merged graph per (set, task).
+    base = load_base(backbone, precision=precision, device=device, int8=int8 and config.engine == "torch")
     for name, folder in parsed:
         base.load(folder, name=name)
     app = create_app(base, config)
     logger.info(f"peft-mtl serve: {len(base.sets)} set(s) on http://{host}:{port} (docs: /docs); "
                 f"batching up to {app.state.worker.max_batch} rows")
+    for name in base.sets:
+        logger.info(f"  {name}: {app.state.worker.engine_of(name)}")
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -5,9 +5,11 @@ worker takes the first queued job, keeps collecting until ``max_batch`` rows are
 or ``max_wait_ms`` have passed since that first job arrived, and answers every prediction
 job of the batch from one forward pass: rows are grouped by (set, task), each group a
 contiguous block of the batch with its own LoRA deltas (:func:`peft_mtl.model.lora_runtime.grouped_lora`)
-and its own head. Loading and unloading sets are jobs on the same queue, run between
-batches, so they can never overlap a forward pass; a request for a set unloaded before
-its turn gets a clean "unknown set" error.
+and its own head. The pass runs on one of two engines: the multi-adapter ONNX graph
+(:class:`~peft_mtl.inference.adapter_graph.GraphEngine`, the default on a CPU: each row picks its
+(set, task) entry, the factors are inputs) or PyTorch (:func:`group_outputs`). Loading and
+unloading sets are jobs on the same queue, run between batches, so they can never overlap a
+forward pass; a request for a set unloaded before its turn gets a clean "unknown set" error.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from ..data.loading import pad_sequences
+from ..inference.adapter_graph import GraphEngine
 from ..inference.adapter_host import AdapterHost, format_predictions
 from ..device import autocast, enter
 from ..model.lora_runtime import RowGroup, grouped_lora
@@ -95,7 +98,9 @@ class Worker:
     """Owns ``base``; ``submit`` is thread-safe; ``on_batch`` sees every coalesced batch."""
 
     def __init__(self, base: AdapterHost, max_batch: int = 32, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[BatchStats], None] | None = None, trim_every_s: float = 1.0):
+                 on_batch: Callable[[BatchStats], None] | None = None, trim_every_s: float = 1.0,
+                 engine: GraphEngine | None = None):
+        self.engine = engine  # None: every pass on PyTorch
         self.base, self.max_batch, self.max_wait = base, max(1, max_batch), max(0.0, max_wait_ms) / 1000
         self._heap = HeapTrim(trim_every_s)
         self.on_batch = on_batch or (lambda stats: None)
@@ -161,6 +166,8 @@ class Worker:
             result, error = None, err
         # The new view of the sets is published before the caller hears back.
         self._groupable_cache.clear()
+        if self.engine is not None:
+            self.engine.refresh()  # an unloaded set's factors are never fed again
         self._publish()
         if error is None:
             job.future.set_result(result)
@@ -174,16 +181,28 @@ class Worker:
         self.sets_snapshot = {
             name: {"tasks": list(a.tasks), "mode": a.manifest.get("mode"), "folder": str(a.folder),
                    "trainable_parameters": a.manifest.get("parameters", {}).get("trainable"),
-                   "task_types": {t: a.specs[t].kind for t in a.tasks if t in a.specs}}
+                   "task_types": {t: a.specs[t].kind for t in a.tasks if t in a.specs},
+                   "engine": self.engine_of(name)}
             for name, a in self.base.sets.items()}
 
+    def engine_of(self, name: str) -> str:
+        """Which engine answers set ``name``: the graph's, PyTorch's batched pass, or its own passes."""
+        if self.engine is not None and self.engine.unsupported(name) is None:
+            return self.engine.name
+        if self.base.int8 is not None:
+            return "onnx int8, one merged graph per (set, task)"
+        return "torch" if self._groupable(name) else "torch, own passes"
+
     def _groupable(self, name: str) -> bool:
-        """Sets whose rows can share the batched pass: LoRA (or heads-only) sets, cross-encoded,
-        on the PyTorch engine (under int8 each (set, task) has its own graph)."""
+        """Sets whose rows can share the batched pass: on the graph, those it supports; on PyTorch,
+        LoRA (or heads-only) sets, cross-encoded, not DoRA (under --int8 each (set, task) has its own graph)."""
         if name not in self._groupable_cache:
             aset = self.base.sets[name]
-            ok = (aset.model is None and aset.pair_encoding == "cross" and self.base.int8 is None
-                  and not aset.manifest["config"]["lora"].get("use_dora"))
+            if self.engine is not None:  # the rest run alone on PyTorch (the reason is logged at load)
+                ok = self.engine.unsupported(name) is None
+            else:
+                ok = (aset.model is None and aset.pair_encoding == "cross" and self.base.int8 is None
+                      and not aset.manifest["config"]["lora"].get("use_dora"))
             self._groupable_cache[name] = bool(ok)
         return self._groupable_cache[name]
 
@@ -260,12 +279,17 @@ class Worker:
         return results
 
     def _pass(self, blocks: list, results: list[list[dict]]) -> None:
-        groups, outputs = group_outputs(self.base, blocks)
-        for (name, task, members, group, spans), out in zip(groups, outputs):
-            predictions = format_predictions(self.base.spec(task, name), out.cpu().numpy())  # the one read-back
-            for i in members:
-                s, e = spans[i]
-                results[i] = predictions[s - group.start:e - group.start]
+        if self.engine is not None:
+            outputs = self.engine.outputs([(name, task, [r for rows in encoded for r in rows])
+                                           for name, task, _, encoded in blocks])
+        else:
+            outputs = [out.cpu().numpy() for out in group_outputs(self.base, blocks)[1]]  # the one read-back
+        for (name, task, members, encoded), out in zip(blocks, outputs):
+            predictions = format_predictions(self.base.spec(task, name), out)
+            start = 0
+            for i, rows in zip(members, encoded):
+                results[i] = predictions[start:start + len(rows)]
+                start += len(rows)
 
 
 def group_outputs(base: AdapterHost, blocks: list) -> tuple[list, list[torch.Tensor]]:
