@@ -33,13 +33,13 @@ def _public(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def write_json_atomic(path: str | os.PathLike, data, indent: int = 2) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=indent, sort_keys=False, default=_jsonable)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         _public(tmp)
@@ -47,6 +47,10 @@ def write_json_atomic(path: str | os.PathLike, data, indent: int = 2) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data, indent: int = 2) -> None:
+    write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=False, default=_jsonable) + "\n")
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:

@@ -25,7 +25,7 @@ EXIT_USER_ERROR = 2
 COMMANDS = {
     "train": "train", "eval": "evaluate", "predict": "predict", "ensemble": "ensemble", "tasks": "tasks",
     "serve": "serve", "export": "export", "compress": "compress", "report": "report", "sweep": "sweep",
-    "bench": "bench",
+    "bench": "bench", "search": "search", "card": "card",
 }
 
 

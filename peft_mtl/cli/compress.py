@@ -37,6 +37,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ..artifacts import write_json_atomic  # deferred: the rest load torch, transformers and peft
     from ..inference.scoring import evaluate_folder  # deferred: as above
     from ..model.compress import compress_set  # deferred: as above
+    from ..model.model_card import write_card  # deferred: as above
     from ..model.saved_sets import MANIFEST  # deferred: as above
 
     result = compress_set(args.folder, args.out, args.rank, args.task_rank, overwrite=args.overwrite)
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         overall = scores.pop("overall", None)
         manifest["metrics"] = {args.split: scores, "overall": overall}
     write_json_atomic(manifest_path, manifest)
+    write_card(args.out, manifest)  # with the scores just measured
     before = (manifest["compressed_from"].get("metrics") or {}).get("overall")
     after = manifest["metrics"].get("overall")
     print(json.dumps({"out": str(result.out), "ranks": result.ranks,

@@ -19,6 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="runs trained side by side (the cores are split)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: cores / workers)")
     p.add_argument("--summary-only", action="store_true", help="train nothing; tabulate the finished runs")
+    p.add_argument("--report-to", default=None, metavar="NAME,...",
+                   help="track every run (tensorboard, mlflow, trackio, wandb), grouped under the sweep's name")
+    p.add_argument("--tracking-dir", default=None, help="default: OUT/tracking")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow store or server (default: sqlite under --tracking-dir)")
     p.add_argument("--archive", default=None, help="also copy the manifests (no weights) and the table here, "
                                                    "for `peft-mtl report` (e.g. reports/sweeps/NAME)")
 
@@ -29,7 +33,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     spec = load_sweep(args.file)
     out = Path(args.out)
-    jobs = plan(spec, out)
+    tracking = []
+    if args.report_to:
+        tracking = ["--report-to", args.report_to, "--tracking-dir", args.tracking_dir or str(out / "tracking")]
+        tracking += ["--mlflow-uri", args.mlflow_uri] if args.mlflow_uri else []
+    jobs = plan(spec, out, tracking)
     stale = stale_runs(jobs)
     if stale:
         raise ConfigError(f"{args.file}: these finished runs in {out} were trained with other settings than their "

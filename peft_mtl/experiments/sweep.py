@@ -164,19 +164,24 @@ def _check_flags(flags: list[str], where: str) -> list[str]:
     return list(config.tasks)
 
 
-def plan(spec: SweepSpec, out: Path) -> list[Job]:
-    """Every (recipe, seed) run in file order, seeds inner (so early results span the recipes' first seeds)."""
+def plan(spec: SweepSpec, out: Path, tracking: list[str] | None = None) -> list[Job]:
+    """Every (recipe, seed) run in file order, seeds inner (so early results span the recipes' first seeds).
+
+    ``tracking``: ``--report-to ...`` flags passed on to every run, grouped under the sweep's name
+    (one tracked run per recipe and seed)."""
     jobs = []
     for seed in spec.seeds:
         for name, flags in spec.recipes.items():
             folder = out / name / f"seed{seed}"
+            tracked = [*tracking, "--tracking-group", Path(spec.source).stem, "--run-name", f"{name}-seed{seed}"] \
+                if tracking else []
             jobs.append(Job(name, seed, folder, ["train", *spec.base, *flags, "--seed", str(seed),
-                                                 "--out", str(folder), "--overwrite", "--no-progress"]))
+                                                 "--out", str(folder), "--overwrite", "--no-progress", *tracked]))
     return jobs
 
 
 # Settings that do not change what a run learns: a finished run may differ in these and still count.
-_IGNORED_SETTINGS = {"out", "overwrite", "checkpoint_every", "trace_dir", "eval_batch_size"}
+_IGNORED_SETTINGS = {"out", "overwrite", "checkpoint_every", "trace_dir", "eval_batch_size", "tracking"}
 
 
 def stale_runs(jobs: list[Job]) -> list[str]:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from ..artifacts import atomic_folder, save_tensors_atomic
 from . import lora_runtime
+from .model_card import write_card
 from .saved_sets import MANIFEST, AdapterError, read_manifest
 
 __all__ = ["CompressionResult", "compress_set", "lora_scale"]
@@ -148,4 +149,5 @@ def compress_set(src: str | Path, out: str | Path, rank: int, task_rank: int | N
         new_manifest["history"] = []
         new_manifest["bytes_on_disk"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         (tmp / MANIFEST).write_text(json.dumps(new_manifest, indent=2), encoding="utf-8")
+        write_card(tmp, new_manifest, out.name)
     return CompressionResult(out, ranks, energy, trainable, total)

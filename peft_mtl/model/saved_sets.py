@@ -100,6 +100,9 @@ def save_run(model: MultiTaskModel, folder: str | Path, manifest: dict, tokenize
             "pooling": model.pooling,
         })
         write_json_atomic(tmp / MANIFEST, manifest)
+        from .model_card import write_card  # deferred: model_card reads manifests from this module
+
+        write_card(tmp, manifest, folder.name)
     return folder
 
 

@@ -32,8 +32,11 @@ SMART_PRECISIONS = ("fp32", "train")
 
 # Fields that say how a run is watched or stored, not what it computes: a resumed run may
 # change them (``--resume`` compares every other field with the interrupted run's).
+TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")
+TRACKING_FIELDS = frozenset({"tracking.report_to", "tracking.dir", "tracking.run_name", "tracking.group",
+                             "tracking.mlflow_uri"})
 RUN_CONTROL_FIELDS = frozenset({"out", "overwrite", "checkpoint_every", "trace_dir", "device", "keep_best",
-                                "teacher_cache"})
+                                "teacher_cache"}) | TRACKING_FIELDS
 KEEP_BEST = ("overall", "per-task")
 
 
@@ -80,6 +83,26 @@ class SmartSettings:
 
 
 @dataclass
+class TrackingSettings:
+    """Where a run's curves go (accelerate's trackers); not part of the recipe."""
+
+    report_to: list[str] = option(factory=list, flag="--report-to", metavar="NAME,...",
+                                  help="log the run to these trackers: " + ", ".join(TRACKERS) + " (any subset; "
+                                       "wandb offline with WANDB_MODE=offline)")
+    dir: str | None = option(None, flag="--tracking-dir", metavar="DIR",
+                             help="where trackers write (default: tracking/ beside the output folder, shared by the "
+                                  "runs there); MLflow's store is sqlite:///DIR/mlflow.db unless --mlflow-uri")
+    run_name: str | None = option(None, flag="--run-name", help="the run's name in the trackers (default: the output "
+                                                                 "folder's name)")
+    group: str | None = option(None, flag="--tracking-group", metavar="NAME",
+                               help="MLflow experiment, TensorBoard sub-folder, trackio/wandb project (default: "
+                                    "peft_mtl; sweep and search set it)")
+    mlflow_uri: str | None = option(None, flag="--mlflow-uri", metavar="URI",
+                                    help="MLflow tracking server URL or store URI (default: a SQLite database under "
+                                         "--tracking-dir)")
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs. Saved as JSON next to its outputs."""
 
@@ -111,6 +134,7 @@ class TrainConfig:
                                               "by default a shared adapter is used when training several tasks)")
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
     smart: SmartSettings = dataclasses.field(default_factory=SmartSettings)
+    tracking: TrackingSettings = dataclasses.field(default_factory=TrackingSettings)
     # uniform beat annealed, staggered and independent adapters on this data (reports/multitask.md)
     sampling: str = option("uniform", help="which task each step trains: annealed | uniform | proportional | sqrt "
                                            "| round-robin | staggered | sum (every task every step)")
@@ -196,6 +220,9 @@ class TrainConfig:
                 fail(path, f"{value!r} is not a finite number")
         if not self.tasks:
             fail("tasks", "name at least one task")
+        unknown = [t for t in self.tracking.report_to if t not in TRACKERS]
+        if unknown:
+            fail("tracking.report_to", f"unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)}")
         for t in self.tasks:
             if not is_task_file(t) and t not in TASKS:
                 fail("tasks", f"unknown task {t!r}; known: {', '.join(sorted(TASKS))} (or a task file: "
@@ -385,7 +412,7 @@ def _check_type(value, hint, name: str):
 # -- the command line's view of a config ----------------------------------------------------
 
 # Which argparse group each config field's flag is shown in (by dotted-path prefix).
-TRAIN_GROUPS = {"lora.": "LoRA", "smart.": "regularisation (SMART, Bregman)"}
+TRAIN_GROUPS = {"lora.": "LoRA", "smart.": "regularisation (SMART, Bregman)", "tracking.": "experiment tracking"}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -410,6 +437,32 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError("--out: say where the adapter set goes (e.g. --out runs/sst)")
     apply_overrides(cfg, overrides)
     return cfg.validate()
+
+
+def flags_from_config(cfg: TrainConfig, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """The `peft-mtl train` flags that give ``cfg`` (the fields that differ from the defaults)."""
+    defaults = TrainConfig()
+    fields = {path: f for path, f, _ in config_fields(TrainConfig)}
+    flags: list[str] = []
+    for path in differences(defaults, cfg, ignore):
+        f, value = fields[path], _value_at(cfg, path)
+        if not f.metadata.get("cli", True):
+            continue
+        flag = flag_for(TrainConfig, path)
+        if isinstance(value, bool) or (value is None and flag.startswith("--no-")):
+            if flag.startswith("--no-"):
+                if value is False:  # a True has no flag of its own: the default does it
+                    flags.append(flag)
+            else:
+                flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags += [flag, ",".join(map(str, value))]
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                flags += [flag, f"{k}={v}"]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
 
 
 def config_from_flags(flags: list[str]) -> TrainConfig:

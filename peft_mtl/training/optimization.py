@@ -76,6 +76,17 @@ def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.nn.Para
 
 
 @dataclass
+class StepRecord:
+    """What one optimiser step did, for trackers: read back with the losses (one transfer per step)."""
+
+    losses: dict[str, float]  # task -> its summed loss
+    terms: dict[str, dict[str, float]]  # task -> {"task", "smart", "bregman", "distill"} (those enabled)
+    lr: float  # the first parameter group's learning rate used by this step
+    grad_norm: torch.Tensor | None = None  # before clipping; a device tensor, read only by whoever logs it
+    rows: int = 0  # training rows in the step (all tasks)
+
+
+@dataclass
 class TrainingStep:
     """Callable ``step(batches) -> summed loss``: one optimiser step over the given task batches."""
 
@@ -91,15 +102,20 @@ class TrainingStep:
     def __post_init__(self):
         self.params = optimizer_parameters(self.optimizer)
         self.shared = self.model.shared_parameters() if self.surgery is not None else []
+        self.record: StepRecord | None = None  # the last step's, for trackers
+        self._terms: list[tuple[str, str, torch.Tensor]] = []
 
     def gradients(self, batches: dict) -> torch.Tensor:
         """Backward of every task's loss (PCGrad applied); returns the tasks' losses, still on the device."""
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
-        for batch in batches.values():
-            loss = self.objective(self.model, batch)
+        self._terms = []
+        for task, batch in batches.items():
+            terms = self.objective.terms(self.model, batch)
+            loss = sum(terms.values())
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             losses.append(loss.detach().float())
+            self._terms += [(task, name, value.detach().float()) for name, value in terms.items()]
             if self.surgery is not None:  # a uniform loss scale leaves PCGrad's projections unchanged
                 self.surgery.take(self.shared)
         if self.surgery is not None:
@@ -111,7 +127,9 @@ class TrainingStep:
         self.dist.average_gradients(self.params)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.max_grad_norm)
+        if self.record is not None:
+            self.record.grad_norm = norm.detach()
         if self.scaler is not None:
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
@@ -126,10 +144,18 @@ class TrainingStep:
     def __call__(self, batches: dict) -> float:
         """One step; returns the summed loss. Reads the losses back once per step (not twice per
         task): a non-finite one stops here, before the update touches any weight."""
-        values = self.gradients(batches).tolist()
+        losses = self.gradients(batches)
+        read = torch.cat([losses, torch.stack([v for _, _, v in self._terms])]) if self._terms else losses
+        read = read.tolist()
+        values, parts = read[:len(batches)], read[len(batches):]
         for task, value in zip(batches, values):
             if not math.isfinite(value):
                 raise NonFiniteLoss(task, value)
+        terms: dict[str, dict[str, float]] = {}
+        for (task, name, _), value in zip(self._terms, parts):
+            terms.setdefault(task, {})[name] = value
+        self.record = StepRecord(dict(zip(batches, values)), terms, float(self.optimizer.param_groups[0]["lr"]),
+                                 rows=sum(len(b.indices) for b in batches.values()))
         self.update()
         total = 0.0
         for value in values:

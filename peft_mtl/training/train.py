@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -38,12 +39,13 @@ from .. import device
 from ..artifacts import folder_lock, recover_interrupted_save
 from ..model.backbone import (backbone_identity, count_parameters, load_encoder, load_quantized_encoder, load_tokenizer,
                               resolve_backbone, set_dropout)
-from .config import TrainConfig
+from .config import TRACKING_FIELDS, TrainConfig, flags_from_config
 from .distill import check_output_is_not_a_member, load_teacher
 from .warm_start import load_initial_weights
 from ..data.loading import BatchStream, EncodedSplit, LoadedSplit, default_data_dir, encode_split, load_split, task_file
 from .distributed import Dist, setup as setup_distributed
 from ..inference.evaluate import evaluate_sharded
+from .tracking import TrainCallback, run_hooks
 from ..data.metrics import overall_score, primary_score
 from ..model.multitask import MultiTaskModel, build_model
 from .optimization import NonFiniteLoss, TrainingStep, build_optimizer, build_scheduler
@@ -69,19 +71,24 @@ log = logger.info  # progress lines; the CLI's handler keeps rank 0's only (peft
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train, evaluate on dev every epoch, save the best state to ``cfg.out``; return the summary."""
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          callbacks: list[TrainCallback] | None = None) -> dict:
+    """Train, evaluate on dev every epoch, save the best state to ``cfg.out``; return the summary.
+
+    ``callbacks`` see every step, every epoch's dev metrics and the end (:class:`TrainCallback`);
+    ``cfg.tracking`` adds accelerate's trackers (:mod:`peft_mtl.training.tracking`)."""
     cfg.validate()
     check_output_path(Path(cfg.out))
     with device.deterministic_algorithms(cfg.deterministic), output_guard(Path(cfg.out)):
-        return _train(cfg, resume, progress)
+        return _train(cfg, resume, progress, callbacks)
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
+def _train(cfg: TrainConfig, resume: bool, progress: bool, callbacks: list[TrainCallback] | None = None) -> dict:
     """The loop, under the run's output lock: epochs of steps, a dev evaluation and checkpoint each epoch."""
     run = prepare(cfg, resume, progress)
     state = run.progress
-    with stop_on_signals() as stop, open_trace(cfg, run.dist) as trace:
+    with stop_on_signals() as stop, open_trace(cfg, run.dist) as trace, \
+            run_hooks(cfg, run.dist.is_main, callbacks) as hooks:
         for epoch in range(state.epoch, cfg.epochs + 1):
             schedule = task_schedule(cfg.sampling, run.sizes, run.steps_per_epoch, epoch, cfg.epochs, cfg.seed,
                                      cfg.staggered_epochs, cfg.staggered_first)
@@ -94,6 +101,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
                 if trace is not None:
                     trace.write(json.dumps({"tasks": list(batches),
                                             "rows": {t: b.indices.tolist() for t, b in batches.items()}}) + "\n")
+                started = time.perf_counter()
                 try:
                     loss = run.step(batches)
                 except NonFiniteLoss as err:
@@ -103,6 +111,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
                     raise TrainingError(f"{err}; lower --lr, or check the data ({advice})") from None
                 state.step, state.global_step = state.step + 1, state.global_step + 1
                 state.loss_sum, state.loss_count = state.loss_sum + loss, state.loss_count + 1
+                hooks.step(state.global_step, run.step.record, time.perf_counter() - started)
                 bar.update(1)
                 if state.step % 20 == 0:
                     bar.set_postfix(loss=f"{state.loss_sum / state.loss_count:.4f}")
@@ -112,15 +121,19 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
             if run.dist.any(stop.requested):
                 run.save_checkpoint()
                 log(f"{stop.name or 'stop'}: checkpoint saved to {run.out / ckpt.CHECKPOINT_DIR}; continue with --resume")
+                hooks.interrupted = True
                 return {"interrupted": True, "epoch": epoch, "step": state.step}
             metrics = evaluate_sharded(run.model, run.dev, cfg.eval_batch_size, run.precision, run.show_progress,
                                        run.pad_id, run.dist)
             record_epoch(run, epoch, metrics)
-            run.save_checkpoint()
+            run.save_checkpoint()  # before the hooks: a run a callback stops (a pruned trial) can resume
+            hooks.epoch(epoch, state.global_step, metrics, overall_score(metrics, run.primary))
             if state.epochs_since_best >= cfg.patience and epoch < cfg.epochs:
                 log(f"early stop: no dev improvement for {cfg.patience} epochs (best epoch {state.best_epoch})")
                 break
-    return finish(run)
+        summary = finish(run)
+        hooks.end(summary | {"step": state.global_step})
+    return summary
 
 
 def record_epoch(run: "Run", epoch: int, metrics: dict) -> None:
@@ -299,6 +312,7 @@ def finish(run: Run) -> dict:
         "pair_encoding": cfg.pair_encoding,
         "max_length": cfg.max_length,
         "config": cfg.to_dict(),
+        "command": "peft-mtl train " + shlex.join(flags_from_config(cfg, TRACKING_FIELDS)),
         "task_specs": {t: get_task(t).to_dict() for t in cfg.task_names},
         "metrics": {"dev": kept, "overall": overall_score(kept, run.primary), "best_epoch": state.best_epoch,
                     **({"task_best_epochs": {t: state.task_best[t]["epoch"] for t in kept}}
