@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from ..errors import UserError
@@ -18,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from ..model.model_card import write_card  # deferred: the model layer imports torch
-    from ..model.saved_sets import MANIFEST  # deferred: as above
+    from ..model.saved_sets import MANIFEST, read_manifest  # deferred: as above
 
     folders: list[Path] = []
     for item in map(Path, args.folders):
@@ -28,15 +29,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             folders.append(item)
         else:
             raise UserError(f"{item}: not a set folder ({MANIFEST} missing); --recursive searches under it")
-    written = [str(write_card(folder, command=_train_command(folder))) for folder in folders]
+    written = [str(write_card(folder, read_manifest(folder), command=_train_command(folder))) for folder in folders]
     print(json.dumps({"cards": written}))
     return 0
 
 
 def _train_command(folder: Path) -> str | None:
     """The `peft-mtl train` command of a set whose manifest predates recording it (from its config)."""
-    import shlex
-
     from ..model.saved_sets import read_manifest  # deferred: the model layer imports torch
     from ..training.config import TrainConfig, flags_from_config  # deferred: as above
 

@@ -60,10 +60,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         run_trials(space, out, args.trials, storage, tracking, worker=args.worker_index)
     if args.no_report:
         return 0
-    record = write_report(space, out, storage, "peft-mtl " + " ".join(argv))
-    table = confirm(space, out, record, args.confirm_seeds, args.workers) if args.confirm_seeds else None
-    print(json.dumps({"report": str(out / "search.md"), "trials": record["states"],
-                      "best": record["best"], **({"confirm": str(table)} if table else {})}))
+    command = "peft-mtl " + " ".join(argv)
+    record = write_report(space, out, storage, command)
+    if args.confirm_seeds:
+        table = confirm(space, out, record, args.confirm_seeds, args.workers)
+        record = write_report(space, out, storage, command, confirmed=table)
+    print(json.dumps({"report": str(out / "search.md"), "trials": record["states"], "best": record["best"],
+                      **({"confirmed": record["confirmed"]} if record.get("confirmed") else {})}))
     return 0
 
 

@@ -42,6 +42,7 @@ from typing import Any
 from ..artifacts import write_json_atomic, write_text_atomic
 from ..training.config import ConfigError, config_from_flags
 from ..training.tracking import TrainCallback
+from .sweep import load_sweep, plan, run_jobs, summary_paths, write_summary
 
 logger = logging.getLogger(__name__)
 PRUNERS = ("median", "percentile", "none")
@@ -276,8 +277,9 @@ def importances(study) -> dict[str, float]:
         return {}
 
 
-def write_report(space: SearchSpace, out: Path, storage: str, command: str) -> dict:
-    """``OUT/search.md`` + ``search.json`` (best trials, importances, the best command) and Optuna's plots."""
+def write_report(space: SearchSpace, out: Path, storage: str, command: str, confirmed: Path | None = None) -> dict:
+    """``OUT/search.md`` + ``search.json`` (best trials, importances, the best command) and Optuna's plots;
+    ``confirmed``: the sweep table's JSON of the best recipe re-trained over seeds."""
     import optuna  # deferred: the optional search extra
 
     study = open_study(space, storage)
@@ -288,7 +290,12 @@ def write_report(space: SearchSpace, out: Path, storage: str, command: str) -> d
                       key=lambda t: -t.value)
     best = complete[0] if complete else None
     best_flags = trial_flags(space, {p.flag: best.params[p.name] for p in space.params}, str(out / "best")) if best else []
+    machine = None
+    if best is not None and (out / "trials" / f"{best.number:04d}" / "peft_mtl.json").is_file():
+        m = json.loads((out / "trials" / f"{best.number:04d}" / "peft_mtl.json").read_text())
+        machine = f"{m.get('device')}, {m.get('threads')} threads, precision {m.get('precision')}"
     record = {"command": command, "study": study.study_name, "storage": storage if "://" in storage else None,
+              "machine": machine,
               "states": states, "importances": importances(study) if best else {},
               "best": {"number": best.number, "value": best.value, "params": best.params,
                        "command": "peft-mtl train " + shlex.join(best_flags)} if best else None,
@@ -296,6 +303,10 @@ def write_report(space: SearchSpace, out: Path, storage: str, command: str) -> d
                           "epochs_reported": len(t.intermediate_values),
                           "trainable_parameters": t.user_attrs.get("trainable_parameters"),
                           "train_seconds": t.user_attrs.get("train_seconds")} for t in study.trials]}
+    if confirmed is not None and confirmed.is_file():
+        best_row = json.loads(confirmed.read_text())["recipes"]["best"]
+        record["confirmed"] = {"table": str(confirmed.with_suffix(".md")), "seeds": best_row["seeds"],
+                               "scores": {k: {"mean": v["mean"], "sd": v["sd"]} for k, v in best_row["scores"].items()}}
     write_json_atomic(out / "search.json", record)
     plots = _plots(study, out) if complete else []
     write_text_atomic(out / "search.md", markdown(record, space, plots))
@@ -306,6 +317,8 @@ def _plots(study, out: Path) -> list[str]:
     import matplotlib  # deferred: plots only
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred: plots only
+
     from optuna.visualization import matplotlib as ovm  # deferred: the optional search extra
 
     written = []
@@ -321,15 +334,14 @@ def _plots(study, out: Path) -> list[str]:
             figure.tight_layout()
             figure.savefig(out / f"search_{name}.png", dpi=110)
             written.append(f"search_{name}.png")
-            import matplotlib.pyplot as plt
-
             plt.close(figure)
     return written
 
 
 def markdown(record: dict, space: SearchSpace, plots: list[str]) -> str:
     names = [p.name for p in space.params]
-    lines = [f"# Search: {record['study']}", "", f"Command: `{record['command']}`", "",
+    lines = [f"# Search: {record['study']}", "", f"Command: `{record['command']}`"
+             + (f" — the trials ran on {record['machine']}." if record.get("machine") else ""), "",
              f"Fixed flags: `{shlex.join(space.base)}`; seed {space.seed}; objective: the best epoch's dev overall "
              f"score (one task: its primary metric); pruner: {space.pruner.get('type')}.", "",
              "Trials: " + ", ".join(f"{n} {s}" for s, n in sorted(record["states"].items())) + ".", ""]
@@ -349,17 +361,23 @@ def markdown(record: dict, space: SearchSpace, plots: list[str]) -> str:
         lines += ["", "## Parameter importances (fANOVA)", "", "| parameter | importance |", "|---|---:|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in record["importances"].items()]
     if record["best"]:
-        lines += ["", "## The best trial's recipe", "", "```bash", record["best"]["command"], "```", "",
-                  "One seed decides nothing: `--confirm-seeds 3` re-trains it over seeds (mean ± sd in the sweep table)."]
+        lines += ["", "## The best trial's recipe", "", "```bash", record["best"]["command"], "```", ""]
+        c = record.get("confirmed")
+        if c:
+            shown = ", ".join(f"{k} {v['mean']:.4f} ± {v['sd']:.4f}" if v["sd"] is not None else f"{k} {v['mean']:.4f}"
+                              for k, v in c["scores"].items())
+            lines.append(f"Re-trained over seeds {c['seeds']} (`--confirm-seeds`): {shown} (mean ± sd; "
+                         f"table: `{c['table']}`). Its search score was one seed's.")
+        else:
+            lines.append("One seed decides nothing: `--confirm-seeds 3` re-trains it over seeds (mean ± sd in the "
+                         "sweep table).")
     for plot in plots:
         lines += ["", f"![{plot}]({plot})"]
     return "\n".join(lines) + "\n"
 
 
 def confirm(space: SearchSpace, out: Path, record: dict, seeds: int, workers: int) -> Path | None:
-    """Re-train the best recipe over ``seeds`` seeds through the sweep table; returns the table's path."""
-    from .sweep import load_sweep, plan, run_jobs, summary_paths, write_summary
-
+    """Re-train the best recipe over ``seeds`` seeds through the sweep table; returns the table's JSON path."""
     if not record.get("best"):
         return None
     flags = trial_flags(space, {p.flag: record["best"]["params"][p.name] for p in space.params}, "unused")
@@ -372,4 +390,4 @@ def confirm(space: SearchSpace, out: Path, record: dict, seeds: int, workers: in
     runs = out / "confirm"
     run_jobs(plan(spec, runs), runs, workers=workers)
     write_summary(spec, runs, f"peft-mtl sweep {sweep_file} --out {runs}")
-    return summary_paths(spec, runs)[1]
+    return summary_paths(spec, runs)[0]

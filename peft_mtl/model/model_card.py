@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..artifacts import write_text_atomic
-from .saved_sets import read_manifest
 
 CARD = "README.md"
 # Backbones known by a Hub id (a local path's name is kept as it is).
@@ -151,11 +150,9 @@ def card_text(manifest: dict, name: str, command: str | None = None) -> str:
     return str(ModelCard(f"---\n{card_data(manifest, name).to_yaml()}\n---\n\n{body}"))
 
 
-def write_card(folder: str | Path, manifest: dict | None = None, name: str | None = None,
-               command: str | None = None) -> Path:
-    """Write ``folder/README.md`` from ``manifest`` (default: the folder's own) atomically."""
+def write_card(folder: str | Path, manifest: dict, name: str | None = None, command: str | None = None) -> Path:
+    """Write ``folder/README.md`` from the set's ``manifest`` atomically."""
     folder = Path(folder)
-    manifest = manifest if manifest is not None else read_manifest(folder)
     path = folder / CARD
     write_text_atomic(path, card_text(manifest, name or folder.name, command))
     return path

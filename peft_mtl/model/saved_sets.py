@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import UserError
+from .model_card import write_card
 from ..artifacts import atomic_folder, save_tensors_atomic, write_json_atomic
 from .heads import TaskHead
 from .multitask import MultiTaskModel
@@ -100,8 +101,6 @@ def save_run(model: MultiTaskModel, folder: str | Path, manifest: dict, tokenize
             "pooling": model.pooling,
         })
         write_json_atomic(tmp / MANIFEST, manifest)
-        from .model_card import write_card  # deferred: model_card reads manifests from this module
-
         write_card(tmp, manifest, folder.name)
     return folder
 
