@@ -192,8 +192,10 @@ FACTORIES = {"empty", "zeros", "ones", "randn", "rand", "randint", "arange", "fu
              "as_tensor", "randperm", "normal", "empty_strided", "from_numpy"}
 # Made on the CPU by design: batches are built there and moved by MultiTaskModel.hidden_states;
 # a teacher's targets stay there and are indexed there before each batch's rows move.
+# The multi-adapter graph is traced from a CPU copy of the backbone with dummy inputs made there.
 CPU_BY_DESIGN = {("data/loading.py", "pad_sequences"), ("data/loading.py", "collate"),
-                 ("training/distill.py", "load_teacher"), ("training/distill.py", "batch_targets")}
+                 ("training/distill.py", "load_teacher"), ("training/distill.py", "batch_targets"),
+                 ("inference/adapter_graph.py", "build_graph")}
 
 
 def factories_without_device(source: str) -> list[tuple[str, int]]:

@@ -57,7 +57,7 @@ def test_two_process_multitask_training(tiny_backbone, small_data, tmp_path, cas
     assert finals[0] == finals[1], "both ranks must end with identical adapters"
     # Exactly one set, written once, loadable.
     if "full" not in case:
-        assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "qqp", "shared", "sst", "sts"]
+        assert sorted(p.name for p in out.iterdir()) == ["README.md", MANIFEST, "qqp", "shared", "sst", "sts"]
     assert json.loads((out / MANIFEST).read_text())["processes"] == 2
     base = load_base(str(tiny_backbone))
     base.load(out)

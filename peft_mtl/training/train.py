@@ -45,7 +45,7 @@ from .warm_start import load_initial_weights
 from ..data.loading import BatchStream, EncodedSplit, LoadedSplit, default_data_dir, encode_split, load_split, task_file
 from .distributed import Dist, setup as setup_distributed
 from ..inference.evaluate import evaluate_sharded
-from .tracking import TrainCallback, run_hooks
+from .tracking import Hooks, TrainCallback, run_hooks
 from ..data.metrics import overall_score, primary_score
 from ..model.multitask import MultiTaskModel, build_model
 from .optimization import NonFiniteLoss, TrainingStep, build_optimizer, build_scheduler
@@ -87,8 +87,18 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, callbacks: list[Train
     """The loop, under the run's output lock: epochs of steps, a dev evaluation and checkpoint each epoch."""
     run = prepare(cfg, resume, progress)
     state = run.progress
-    with stop_on_signals() as stop, open_trace(cfg, run.dist) as trace, \
-            run_hooks(cfg, run.dist.is_main, callbacks) as hooks:
+    with run_hooks(cfg, run.dist.is_main, callbacks) as hooks:
+        summary = _epochs(run, hooks)
+        if summary is None:  # finished (not interrupted): save the set
+            summary = finish(run)
+            hooks.end(summary | {"step": state.global_step})
+    return summary
+
+
+def _epochs(run: "Run", hooks: Hooks) -> dict | None:
+    """Epochs of steps, a dev evaluation and checkpoint each; the summary of an interrupted run, else None."""
+    cfg, state = run.cfg, run.progress
+    with stop_on_signals() as stop, open_trace(cfg, run.dist) as trace:
         for epoch in range(state.epoch, cfg.epochs + 1):
             schedule = task_schedule(cfg.sampling, run.sizes, run.steps_per_epoch, epoch, cfg.epochs, cfg.seed,
                                      cfg.staggered_epochs, cfg.staggered_first)
@@ -131,9 +141,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, callbacks: list[Train
             if state.epochs_since_best >= cfg.patience and epoch < cfg.epochs:
                 log(f"early stop: no dev improvement for {cfg.patience} epochs (best epoch {state.best_epoch})")
                 break
-        summary = finish(run)
-        hooks.end(summary | {"step": state.global_step})
-    return summary
+    return None
 
 
 def record_epoch(run: "Run", epoch: int, metrics: dict) -> None:
