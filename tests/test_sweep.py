@@ -204,3 +204,16 @@ def test_combined_rows_are_checked(tiny_backbone, small_data, tmp_path, combine,
     spec.write_text(spec.read_text() + "combine:\n" + combine)
     with pytest.raises(ConfigError, match=message):
         load_sweep(spec)
+
+
+def test_a_sweep_passes_tracking_on_to_every_run_grouped_under_its_name(tmp_path):
+    from peft_mtl.experiments.sweep import plan
+    from peft_mtl.training.config import config_from_flags
+
+    f = tmp_path / "mysweep.yaml"
+    f.write_text("base: --tasks sst\nseeds: [0, 1]\nrecipes:\n  a: ''\n  b: --lora-rank 4\n")
+    jobs = plan(load_sweep(f), tmp_path / "out", ["--report-to", "mlflow", "--tracking-dir", str(tmp_path / "t")])
+    configs = [config_from_flags(job.argv[1:]) for job in jobs]
+    assert {c.tracking.run_name for c in configs} == {"a-seed0", "b-seed0", "a-seed1", "b-seed1"}, "one run per seed"
+    assert {c.tracking.group for c in configs} == {"mysweep"} and all(c.tracking.report_to == ["mlflow"] for c in configs)
+    assert all("--report-to" not in job.argv for job in plan(load_sweep(f), tmp_path / "out"))
