@@ -358,7 +358,8 @@ def markdown(record: dict, space: SearchSpace, plots: list[str]) -> str:
             f"trial {t['number']} ({t['epochs_reported']} epoch(s); " + ", ".join(
                 f"{k}={_value(v)}" for k, v in t["params"].items()) + ")" for t in pruned) + "."]
     if record["importances"]:
-        lines += ["", "## Parameter importances (fANOVA)", "", "| parameter | importance |", "|---|---:|"]
+        lines += ["", "## Parameter importances (Optuna's default evaluator, PED-ANOVA, over the complete trials)", "",
+                  "| parameter | importance |", "|---|---:|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in record["importances"].items()]
     if record["best"]:
         lines += ["", "## The best trial's recipe", "", "```bash", record["best"]["command"], "```", ""]
