@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
 
 from ..data.loading import pad_sequences
@@ -180,7 +181,11 @@ def build_graph(backbone: str | None, out: Path, int8: bool = False, opset: int 
 def cached_graph(backbone: str | None, int8: bool, cache: Path | None = None) -> tuple[Path, dict]:
     """The graph file for ``backbone`` (fp32 or int8), built once and kept in the cache."""
     display, path = resolve_backbone(backbone)
-    digest = hashlib.sha256(f"{GRAPH_VERSION}\0{display}\0{torch.__version__}".encode())
+    import onnxruntime  # deferred: the optional export extra (its quantizer wrote the int8 file)
+
+    # The traced graph follows transformers' modelling code, the int8 file ONNX Runtime's quantizer.
+    digest = hashlib.sha256(f"{GRAPH_VERSION}\0{display}\0{torch.__version__}\0{transformers.__version__}\0"
+                            f"{onnxruntime.__version__}".encode())
     for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
         digest.update(f.name.encode() + str(f.stat().st_size).encode())
     root = (cache or cache_root().parent / "multi")
