@@ -120,3 +120,28 @@ def test_docs_snippet_runs_with_onnxruntime_tokenizers_and_numpy_alone(exported,
     assert result.returncode == 0, result.stderr[-2000:]
     labels = eval(result.stdout.strip().splitlines()[-1])  # the snippet prints one label per row
     assert len(labels) == 2 and all(label in range(5) for label in labels)
+
+
+def test_the_server_picks_its_engine_and_says_why(base, tiny_backbone, sets_root, caplog):
+    import logging
+
+    from peft_mtl.errors import UserError
+    from peft_mtl.serving.app import choose_engine
+    from peft_mtl.serving.worker import Worker
+
+    with caplog.at_level(logging.INFO, logger="peft_mtl.serving.app"):
+        auto = choose_engine(base)
+        assert isinstance(auto, GraphEngine) and auto.name == "onnx fp32", "auto on a CPU: the graph"
+        assert "set 'full' runs on PyTorch: fully fine-tuned" in caplog.text
+        assert choose_engine(base, "onnx", int8=True).name == "onnx int8"
+        assert choose_engine(base, "torch") is None
+    with pytest.raises(UserError, match="--engine gpu: choose one of auto, onnx, torch"):
+        choose_engine(base, "gpu")
+    merged = load_base(str(tiny_backbone), precision="fp32", int8=True)  # --engine torch --int8
+    merged.load(sets_root / "single", name="single")
+    assert choose_engine(merged) is None, "a base with per-set int8 graphs keeps them"
+    worker = Worker(merged)
+    try:
+        assert worker.sets_snapshot["single"]["engine"] == "onnx int8, one merged graph per (set, task)"
+    finally:
+        worker.stop()
