@@ -10,7 +10,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TextIO
 
 import torch
 from filelock import FileLock, Timeout
@@ -33,13 +33,13 @@ def _public(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+def _write_atomic(path: str | os.PathLike, write: Callable[[TextIO], None]) -> None:
+    """``write`` into a temporary file beside ``path``, then rename it over: readers see the old or the new file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         _public(tmp)
@@ -47,23 +47,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """``text`` at ``path``, all or nothing."""
+    _write_atomic(path, lambda f: f.write(text))
 
 
 def write_json_atomic(path: str | os.PathLike, data, indent: int = 2) -> None:
     """``data`` as JSON at ``path``, all or nothing (streamed into the temporary file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=indent, sort_keys=False, default=_jsonable)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _public(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def write(f: TextIO) -> None:
+        json.dump(data, f, indent=indent, sort_keys=False, default=_jsonable)
+        f.write("\n")
+
+    _write_atomic(path, write)
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:

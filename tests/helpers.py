@@ -43,3 +43,21 @@ def interrupt_after(monkeypatch, steps: int) -> None:
         return loss
 
     monkeypatch.setattr(TrainingStep, "__call__", counting)
+
+
+def run_docs_snippet(page, marker: str, path_in_snippet: str, real_path) -> list:
+    """Run the ``<!-- marker -->`` Python snippet of a docs page (at most 10 lines) with peft_mtl, torch,
+    peft and transformers unimportable and ``path_in_snippet`` pointing at ``real_path``; returns the
+    Python value it prints last."""
+    import re
+    import subprocess
+    import sys
+
+    text = page.read_text(encoding="utf-8")
+    (snippet,) = re.findall(rf"<!-- {marker} -->\s*```python\n(.*?)```", text, flags=re.S)
+    assert len(snippet.strip().splitlines()) <= 10
+    blocker = "import sys\nfor m in ('peft_mtl', 'torch', 'peft', 'transformers'):\n    sys.modules[m] = None\n"
+    code = blocker + snippet.replace(f'"{path_in_snippet}"', repr(str(real_path)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return eval(result.stdout.strip().splitlines()[-1])

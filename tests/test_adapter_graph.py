@@ -5,9 +5,6 @@ stays close; ``export --multi`` and its docs snippet run with onnxruntime, token
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,8 @@ pytest.importorskip("onnxruntime")
 from peft_mtl import load_base  # noqa: E402
 from peft_mtl.inference.adapter_graph import GraphEngine, GraphError  # noqa: E402
 from peft_mtl.inference.export import export_multi  # noqa: E402
+
+from .helpers import run_docs_snippet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCES = ["a fine film", "a long and dull film with nothing in it at all", "ok", "bad"]
@@ -111,14 +110,7 @@ def test_export_multi_refuses_a_set_it_cannot_hold(sets_root, tmp_path):
 
 
 def test_docs_snippet_runs_with_onnxruntime_tokenizers_and_numpy_alone(exported, base):
-    text = (REPO / "docs" / "export.md").read_text(encoding="utf-8")
-    (snippet,) = re.findall(r"<!-- multi-export-snippet -->\s*```python\n(.*?)```", text, flags=re.S)
-    assert len(snippet.strip().splitlines()) <= 10
-    blocker = "import sys\nfor m in ('peft_mtl', 'torch', 'peft', 'transformers'):\n    sys.modules[m] = None\n"
-    code = blocker + snippet.replace('"exported/multi"', repr(str(exported)))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    labels = eval(result.stdout.strip().splitlines()[-1])  # the snippet prints one label per row
+    labels = run_docs_snippet(REPO / "docs" / "export.md", "multi-export-snippet", "exported/multi", exported)
     assert len(labels) == 2 and all(label in range(5) for label in labels)
 
 

@@ -4,9 +4,6 @@ with ONNX Runtime and tokenizers alone (peft_mtl, torch and peft unimportable)."
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,8 @@ from peft_mtl import load_base  # noqa: E402
 from peft_mtl.training.config import TrainConfig  # noqa: E402
 from peft_mtl.inference.export import ExportError, export_set, run_onnx  # noqa: E402
 from peft_mtl.training.train import train  # noqa: E402
+
+from .helpers import run_docs_snippet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,14 +66,7 @@ def test_graphs_are_checked_against_fp32_whatever_precision_the_base_computes_in
 
 
 def test_readme_snippet_runs_without_peft_mtl_torch_or_peft(exported):
-    text = (REPO / "docs" / "export.md").read_text(encoding="utf-8")
-    (snippet,) = re.findall(r"<!-- export-snippet -->\s*```python\n(.*?)```", text, flags=re.S)
-    assert len(snippet.strip().splitlines()) <= 10
-    blocker = "import sys\nfor m in ('peft_mtl', 'torch', 'peft', 'transformers'):\n    sys.modules[m] = None\n"
-    code = blocker + snippet.replace('"exported/all"', repr(str(exported)))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    labels = eval(result.stdout.strip().splitlines()[-1])  # the snippet prints a list of labels
+    labels = run_docs_snippet(REPO / "docs" / "export.md", "export-snippet", "exported/all", exported)
     assert len(labels) == 2 and all(label in range(5) for label in labels)
 
 

@@ -51,8 +51,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         tracking = ["--report-to", args.report_to, "--tracking-dir", args.tracking_dir or str(out / "tracking")]
         tracking += ["--mlflow-uri", args.mlflow_uri] if args.mlflow_uri else []
     if args.workers > 1:
-        extra = [a for a in argv[argv.index(args.space) + 1:]]
-        extra = _without(extra, {"--workers", "--out", "--trials", "--storage", "--confirm-seeds", "--worker-index"})
+        extra = _without(argv[argv.index(args.space) + 1:], {"--workers", "--out", "--trials", "--storage", "--confirm-seeds", "--worker-index"})
         codes = run_workers(args.space, out, args.trials, storage, args.workers, extra)
         if any(codes):
             logger.warning(f"search: worker exit codes {codes}; see {out / 'logs'}")

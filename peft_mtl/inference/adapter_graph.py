@@ -25,6 +25,7 @@ import contextvars
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from ..errors import UserError
 from ..model import lora_runtime
 from ..model.backbone import load_encoder, resolve_backbone
 from ..model.lora_config import transformer_blocks
-from .graphs import quantize_onnx
+from .graphs import PAIR_PROBES, PROBES, quantize_onnx
 from .int8 import cache_root
 
 logger = logging.getLogger(__name__)
@@ -201,8 +202,6 @@ def cached_graph(backbone: str | None, int8: bool, cache: Path | None = None) ->
     with tempfile.TemporaryDirectory(dir=root, prefix=".building-") as tmp:
         record = build_graph(backbone, Path(tmp) / "g", int8=True)
         if folder.exists():  # an fp32-only build from an older run: replaced by the complete one
-            import shutil  # deferred: only on this rare path
-
             shutil.rmtree(folder, ignore_errors=True)
         try:
             (Path(tmp) / "g").rename(folder)  # atomic: a concurrent builder may have won
@@ -380,8 +379,6 @@ def write_multi(host, out: Path, int8: bool = False) -> dict:
     inputs) and ``graph.json`` (the entries, their labels and kinds) into ``out``; returns the record.
 
     Each entry is checked against fp32 PyTorch on probe inputs (GraphError beyond 1e-4)."""
-    from .graphs import PAIR_PROBES, PROBES  # deferred: the probes live with the per-task exporter
-
     record = build_graph(host.source, out, int8=int8)
     slots = [Slot(**s) for s in record["slots"]]
     index = {s.module: i for i, s in enumerate(slots)}

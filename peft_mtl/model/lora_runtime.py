@@ -265,14 +265,10 @@ def merged_deltas(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]
     adapter is no such sum: ValueError."""
     deltas = {}
     with torch.no_grad():
-        for name, layer in lora_layers(model).items():
-            present = adapters_of(layer, names)
-            if not present:
-                continue
-            if any(is_variant(layer, n) for n in present):
-                raise UserError("DoRA adapters cannot be merged as a low-rank sum")
-            a, b = concat_factors(layer, present)
-            deltas[name.replace("base_model.model.", "", 1)] = b.float() @ a.float()
+        for name, parts in adapter_factors(model, names).items():
+            a = torch.cat([a for a, _, _ in parts], dim=0)  # as concat_factors: one low-rank product
+            b = torch.cat([b * s for _, b, s in parts], dim=1)
+            deltas[name] = b.float() @ a.float()
     return deltas
 
 

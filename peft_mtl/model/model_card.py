@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
 from ..artifacts import write_text_atomic
 
 CARD = "README.md"
@@ -35,8 +37,6 @@ def _command(manifest: dict) -> str | None:
 
 def card_data(manifest: dict, name: str):
     """The front matter: ``ModelCardData`` with a ``model-index`` of every recorded metric."""
-    from huggingface_hub import EvalResult, ModelCardData  # deferred: only cards need it
-
     results = []
     metrics = manifest.get("metrics") or {}
     for split in ("dev", "test"):
@@ -144,8 +144,6 @@ def card_text(manifest: dict, name: str, command: str | None = None) -> str:
              f"(`{_base_model(manifest)}`) bounds what the adapters can learn.",
              "- Dev scores guided training choices (best epoch), so they are optimistic; a held-out test split is "
              "the fair estimate.", ""]
-    from huggingface_hub import ModelCard  # deferred: only cards need it
-
     body = "\n".join(lines + load)
     return str(ModelCard(f"---\n{card_data(manifest, name).to_yaml()}\n---\n\n{body}"))
 

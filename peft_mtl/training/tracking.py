@@ -31,6 +31,7 @@ from .optimization import StepRecord
 
 logger = logging.getLogger(__name__)
 
+NESTED = ("lora", "smart", "tracking")  # TrainConfig's nested settings: their fields become lora.rank, ...
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
 
 
@@ -59,8 +60,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str | int | float | boo
     out: dict[str, str | int | float | bool] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and key in ("lora", "smart",
-                                                                                                      "tracking"):
+        if key in NESTED and isinstance(value, dict):
             out.update(flatten(value, name + "."))
         elif isinstance(value, (bool, int, float, str)):
             out[name] = value
@@ -179,10 +179,6 @@ class Hooks:
             c.on_end(summary)
 
 
-class StopRun(Exception):
-    """Raised by a callback to stop a run early on purpose (e.g. a pruned search trial)."""
-
-
 @contextmanager
 def run_hooks(cfg: TrainConfig, is_main: bool, extra: list[TrainCallback] | None) -> Iterator[Hooks]:
     """The run's trackers and ``extra`` callbacks, each closed with the run's outcome."""
@@ -191,7 +187,7 @@ def run_hooks(cfg: TrainConfig, is_main: bool, extra: list[TrainCallback] | None
     try:
         yield hooks
         status = "stopped" if hooks.interrupted else "finished"
-    except (KeyboardInterrupt, StopRun):
+    except KeyboardInterrupt:
         status = "stopped"
         raise
     except BaseException as err:
