@@ -137,3 +137,14 @@ def test_the_server_picks_its_engine_and_says_why(base, tiny_backbone, sets_root
         assert worker.sets_snapshot["single"]["engine"] == "onnx int8, one merged graph per (set, task)"
     finally:
         worker.stop()
+
+
+def test_export_flags_that_do_not_go_together_are_one_line_errors(sets_root, tmp_path, capsys):
+    from peft_mtl.cli import main
+
+    assert main(["export", str(sets_root / "single"), str(sets_root / "multi"), "--out", str(tmp_path / "a")]) == 2
+    assert "export one set at a time, or all as one graph with --multi" in capsys.readouterr().err
+    assert main(["export", str(sets_root / "single"), "--multi", "--format", "openvino", "--out",
+                 str(tmp_path / "b")]) == 2
+    assert "--multi writes an ONNX graph" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -63,3 +63,17 @@ def test_every_shipped_set_has_a_card_that_parses(manifest):
     recorded = json.loads((folder / "peft_mtl.json").read_text()).get("metrics", {}).get("dev") or {}
     assert len(metrics_of(card)) == sum(len(m) for m in recorded.values())
     assert card.data.library_name in ("peft", "transformers")
+
+
+def test_peft_mtl_card_recursive_writes_every_set_under_a_folder(sets_root, tmp_path, capsys):
+    import shutil
+
+    from peft_mtl.cli import main
+
+    for name in ("single", "heads"):
+        shutil.copytree(sets_root / name, tmp_path / "runs" / name)
+        (tmp_path / "runs" / name / "README.md").unlink()
+    assert main(["card", str(tmp_path / "runs"), "--recursive"]) == 0
+    assert json.loads(capsys.readouterr().out)["cards"] == [str(tmp_path / "runs" / n / "README.md")
+                                                            for n in ("heads", "single")]
+    assert ModelCard.load(tmp_path / "runs" / "heads" / "README.md").data.library_name == "peft"

@@ -124,3 +124,11 @@ def test_space_files_are_checked_before_any_trial(tmp_path):
     bad.write_text("space:\n  --out: [a, b]\n")
     with pytest.raises(ConfigError, match="set by the search itself"):
         load_space(bad)
+
+
+def test_search_flags_out_of_range_are_one_line_errors(tmp_path, tiny_backbone, small_data, capsys):
+    from peft_mtl.cli import main
+
+    path = space_file(tmp_path, tiny_backbone, small_data, pruner="none")
+    assert main(["search", str(path), "--out", str(tmp_path / "s"), "--trials", "0"]) == 2
+    assert "--trials and --workers must be at least 1" in capsys.readouterr().err

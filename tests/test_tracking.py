@@ -73,3 +73,18 @@ def test_only_the_main_process_opens_trackers(tmp_path):
 def test_an_unknown_tracker_is_a_flag_error():
     with pytest.raises(ConfigError, match="--report-to: unknown tracker 'comet'"):
         TrainConfig(out="x", tracking=TrackingSettings(report_to=["comet"])).validate()
+
+
+def test_mlflow_uri_and_group_say_where_the_run_goes(tiny_backbone, small_data, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    cfg = TrainConfig(tasks=["sst"], out=str(tmp_path / "runs" / "r"), backbone=str(tiny_backbone),
+                      data_dir=str(small_data), epochs=1, steps_per_epoch=2, batch_size=4, precision="fp32",
+                      checkpoint_every=0, max_eval_examples=8,
+                      tracking=TrackingSettings(report_to=["mlflow"], mlflow_uri=store, group="mine"))
+    train(cfg, progress=False)
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
+    assert run.info.run_name == "r" and len(client.get_metric_history(run.info.run_id, "train/sst/loss")) == 2
+    assert not (tmp_path / "runs" / "tracking" / "mlflow.db").exists(), "nothing in the default store"
